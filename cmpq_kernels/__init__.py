@@ -1,0 +1,39 @@
+"""cmpq_kernels: CMPQ channel-wise mixed-precision non-uniform quantization for LLM linear layers.
+
+Import loads the compiled ops: the CPU extension always, the CUDA extension when it was built.
+:func:`backends` says which are usable in this process.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.cmpq.* with CPU kernels)
+
+try:
+    _C_cuda = importlib.import_module("cmpq_kernels._C_cuda")
+except ImportError:
+    _C_cuda = None
+
+from . import ops  # noqa: E402  (fake impls for torch.compile)
+from .format import FORMAT_VERSION, CMPQLayer  # noqa: E402
+from .nn import CMPQLinear  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["CMPQLayer", "CMPQLinear", "FORMAT_VERSION", "backends", "ops"]
+
+
+def backends() -> dict[str, str | bool]:
+    """Which kernel backends this process can use.
+
+    Returns a dict: ``cpu`` (always True), ``cpu_isa`` (``"avx2"`` or ``"scalar"``), ``cuda_built``
+    (the CUDA extension was compiled), ``cuda`` (built *and* a GPU is visible).
+    """
+    cuda_built = _C_cuda is not None
+    return {
+        "cpu": True,
+        "cpu_isa": torch.ops.cmpq.cpu_isa(),
+        "cuda_built": cuda_built,
+        "cuda": cuda_built and torch.cuda.is_available(),
+    }

@@ -1,0 +1,295 @@
+"""The CMPQ packed format (format_version 1): one quantized linear layer, validated.
+
+This module is the only thing the rest of the package trusts: kernels, the reference path, the module
+and checkpoint IO all read a :class:`CMPQLayer`. It knows nothing of models or calibration.
+
+Layout (mirrors ``csrc/cmpq_layout.h`` bit for bit; see the diagram there):
+
+* input channels are permuted so each bit width forms one contiguous segment, in memory order
+  ``[4-bit | 3-bit | 2-bit]``; ``perm[j]`` is the original channel of packed column ``j``;
+* every segment width is a multiple of :data:`GROUP_CODES` (32) channels, so ``K % 32 == 0`` is
+  required (all common LLM layer widths are; pad the layer otherwise);
+* ``codes[s]``: int32 ``[N, seg_k[s] // 32 * bits]`` (the bits are uint32 words; torch has no general
+  uint32 arithmetic, so they are held as int32 and viewed back as uint32 where needed);
+* ``codebooks[s]``: fp16 ``[ceil(N / codebook_rows), 2**bits]``;
+* outliers: CSR over packed columns holding the residual ``W - Q(W)``: ``row_ptr`` int32 ``[N + 1]``,
+  ``col`` int16 (``K <= 32767``) or int32, ``val`` fp16;
+* optional ``bias`` fp16/bf16/fp32 ``[N]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+GROUP_CODES = 32
+SEGMENT_BITS: tuple[int, int, int] = (4, 3, 2)
+MIN_BITS, MAX_BITS = 2.0, 4.0
+_INT16_MAX_K = 32767
+
+
+# ---- NumPy pack / unpack (twin of cmpq_layout.h) -----------------------------------------------------
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SEGMENT_BITS:
+        raise ValueError(f"bits must be one of {SEGMENT_BITS}, got {bits}")
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack integer codes ``[N, C]`` (``C % 32 == 0``, values ``< 2**bits``) into uint32 ``[N, C // 32 * bits]``."""
+    _check_bits(bits)
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be 2-D [rows, channels], got shape {codes.shape}")
+    n, c = codes.shape
+    if c % GROUP_CODES:
+        raise ValueError(f"codes has {c} channels; must be a multiple of {GROUP_CODES}")
+    if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits}-bit: min {codes.min()}, max {codes.max()}")
+    groups = codes.astype(np.uint32).reshape(n, c // GROUP_CODES, GROUP_CODES)
+    if bits == 3:
+        body = groups[:, :, :30].reshape(n, -1, 3, 10)
+        words = np.bitwise_or.reduce(body << (3 * np.arange(10, dtype=np.uint32)), axis=-1)
+        spare = groups[:, :, 30] | (groups[:, :, 31] << 3)
+        words |= ((spare[:, :, None] >> (2 * np.arange(3, dtype=np.uint32))) & 3) << 30
+    else:
+        per_word = 32 // bits
+        body = groups.reshape(n, -1, bits, per_word)
+        words = np.bitwise_or.reduce(body << (bits * np.arange(per_word, dtype=np.uint32)), axis=-1)
+    return words.reshape(n, -1).astype(np.uint32)
+
+
+def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: uint32 (or int32) ``[N, G * bits]`` -> uint8 codes ``[N, G * 32]``."""
+    _check_bits(bits)
+    words = np.asarray(words)
+    if words.ndim != 2 or words.shape[1] % bits:
+        raise ValueError(f"packed {bits}-bit codes must be [rows, groups * {bits}], got shape {words.shape}")
+    words = words.view(np.uint32) if words.dtype == np.int32 else words.astype(np.uint32)
+    n = words.shape[0]
+    grouped = words.reshape(n, -1, bits)
+    if bits == 3:
+        body = (grouped[:, :, :, None] >> (3 * np.arange(10, dtype=np.uint32))) & 7
+        spare = (grouped[:, :, 0] >> 30) | ((grouped[:, :, 1] >> 30) << 2) | ((grouped[:, :, 2] >> 30) << 4)
+        tail = np.stack([spare & 7, spare >> 3], axis=-1)
+        codes = np.concatenate([body.reshape(n, -1, 30), tail], axis=-1)
+    else:
+        per_word = 32 // bits
+        codes = (grouped[:, :, :, None] >> (bits * np.arange(per_word, dtype=np.uint32))) & ((1 << bits) - 1)
+    return codes.reshape(n, -1).astype(np.uint8)
+
+
+# ---- the layer container ------------------------------------------------------------------------------
+
+
+def _tensor_bits(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size() * 8
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CMPQLayer:
+    """One CMPQ-quantized linear layer ``y = x @ W.T + bias`` with ``W`` of shape ``[n, k]``.
+
+    Construct with every field, then call :meth:`validate` (done by :meth:`from_codes` and by the
+    checkpoint loader). All tensors live on one device; ``to(device)`` moves them together.
+
+    Attributes:
+        n, k: out_features and in_features.
+        bits: target average code bits per weight (the budget the quantizer was given).
+        seg_k: channels per segment in memory order (4-bit, 3-bit, 2-bit); multiples of 32 summing to k.
+        perm: int32 ``[k]``, original input channel of each packed column.
+        codes: per segment, int32 ``[n, seg_k[s] // 32 * bits]`` packed words.
+        codebooks: per segment, fp16 ``[ceil(n / codebook_rows), 2**bits]``.
+        row_ptr, col, val: CSR outlier residuals over packed columns (int32, int16|int32, fp16).
+        bias: optional ``[n]`` fp16/bf16/fp32.
+        codebook_rows: output rows sharing one codebook row.
+        format_version: must equal :data:`FORMAT_VERSION`.
+    """
+
+    n: int
+    k: int
+    bits: float
+    seg_k: tuple[int, int, int]
+    perm: torch.Tensor
+    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    codebooks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    row_ptr: torch.Tensor
+    col: torch.Tensor
+    val: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    codebook_rows: int = 1
+    format_version: int = FORMAT_VERSION
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_codes(
+        cls,
+        *,
+        bits: float,
+        perm: torch.Tensor | np.ndarray,
+        codes: tuple[np.ndarray, np.ndarray, np.ndarray],
+        codebooks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        outlier_rows: np.ndarray | torch.Tensor | None = None,
+        outlier_cols: np.ndarray | torch.Tensor | None = None,
+        outlier_vals: np.ndarray | torch.Tensor | None = None,
+        bias: Optional[torch.Tensor] = None,
+        codebook_rows: int = 1,
+    ) -> "CMPQLayer":
+        """Pack unpacked codes (uint8 ``[n, seg_k[s]]`` per segment, memory order 4/3/2-bit) into a layer.
+
+        Outliers are given as COO triplets over *packed* columns (residuals ``W - Q(W)``); they are sorted
+        into CSR here. The result is validated.
+        """
+        if len(codes) != 3 or len(codebooks) != 3:
+            raise ValueError("codes and codebooks need one entry per segment (4-bit, 3-bit, 2-bit)")
+        n = int(np.asarray(codes[0]).shape[0])
+        seg_k = tuple(int(np.asarray(c).shape[1]) for c in codes)
+        k = sum(seg_k)
+        packed = tuple(
+            torch.from_numpy(pack_codes(np.asarray(c).reshape(n, -1), b).view(np.int32)) for c, b in zip(codes, SEGMENT_BITS)
+        )
+        rows = np.asarray(outlier_rows if outlier_rows is not None else [], dtype=np.int64)
+        cols = np.asarray(outlier_cols if outlier_cols is not None else [], dtype=np.int64)
+        vals = torch.as_tensor(outlier_vals if outlier_vals is not None else [], dtype=torch.float16).reshape(-1)
+        if not (rows.shape == cols.shape == tuple(vals.shape)):
+            raise ValueError(f"outlier rows/cols/vals lengths differ: {rows.shape}, {cols.shape}, {tuple(vals.shape)}")
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise ValueError(f"outlier rows must be in [0, {n}), got range [{rows.min()}, {rows.max()}]")
+        order = np.lexsort((cols, rows))
+        row_ptr = np.zeros(n + 1, dtype=np.int32)
+        np.add.at(row_ptr, rows + 1, 1)
+        col_dtype = np.int16 if k <= _INT16_MAX_K else np.int32
+        layer = cls(
+            n=n,
+            k=k,
+            bits=float(bits),
+            seg_k=seg_k,  # type: ignore[arg-type]
+            perm=torch.as_tensor(np.asarray(perm), dtype=torch.int32),
+            codes=packed,  # type: ignore[arg-type]
+            codebooks=tuple(torch.as_tensor(cb).to(torch.float16).contiguous() for cb in codebooks),  # type: ignore[arg-type]
+            row_ptr=torch.from_numpy(np.cumsum(row_ptr, dtype=np.int32)),
+            col=torch.from_numpy(cols[order].astype(col_dtype)),
+            val=vals[torch.from_numpy(order)].contiguous(),
+            bias=bias,
+            codebook_rows=codebook_rows,
+        )
+        layer.validate()
+        return layer
+
+    # -- validation -----------------------------------------------------------------------------------
+
+    def validate(self) -> "CMPQLayer":
+        """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``."""
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version: this build reads version {FORMAT_VERSION}, got {self.format_version}")
+        if self.n <= 0 or self.k <= 0:
+            raise ValueError(f"n, k: must be positive, got n={self.n}, k={self.k}")
+        if self.k % GROUP_CODES:
+            raise ValueError(f"k: in_features {self.k} is not a multiple of {GROUP_CODES} (pad the layer)")
+        if not (math.isfinite(self.bits) and MIN_BITS <= self.bits <= MAX_BITS):
+            raise ValueError(f"bits: target must be in [{MIN_BITS}, {MAX_BITS}], got {self.bits}")
+        if self.codebook_rows < 1:
+            raise ValueError(f"codebook_rows: must be >= 1, got {self.codebook_rows}")
+        if len(self.seg_k) != 3 or any(s < 0 or s % GROUP_CODES for s in self.seg_k) or sum(self.seg_k) != self.k:
+            raise ValueError(f"seg_k: need three multiples of {GROUP_CODES} summing to k={self.k}, got {self.seg_k}")
+        device = self.perm.device
+        self._check_tensor("perm", self.perm, torch.int32, (self.k,), device)
+        perm = self.perm.cpu()
+        if not torch.equal(torch.sort(perm.long()).values, torch.arange(self.k)):
+            raise ValueError(f"perm: is not a permutation of range({self.k})")
+        codebook_count = -(-self.n // self.codebook_rows)
+        for s, bits in enumerate(SEGMENT_BITS):
+            self._check_tensor(f"codes[{s}] ({bits}-bit)", self.codes[s], torch.int32,
+                               (self.n, self.seg_k[s] // GROUP_CODES * bits), device)
+            cb = self.codebooks[s]
+            self._check_tensor(f"codebooks[{s}] ({bits}-bit)", cb, torch.float16, (codebook_count, 1 << bits), device)
+            if not bool(torch.isfinite(cb).all()):
+                raise ValueError(f"codebooks[{s}] ({bits}-bit): contains NaN or Inf")
+        self._check_tensor("row_ptr", self.row_ptr, torch.int32, (self.n + 1,), device)
+        col_dtype = torch.int16 if self.k <= _INT16_MAX_K else torch.int32
+        nnz = self.col.numel()
+        self._check_tensor("col", self.col, col_dtype, (nnz,), device)
+        self._check_tensor("val", self.val, torch.float16, (nnz,), device)
+        row_ptr = self.row_ptr.cpu().long()
+        if row_ptr[0] != 0 or row_ptr[-1] != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+            raise ValueError(f"row_ptr: must start at 0, be non-decreasing and end at nnz={nnz}")
+        if nnz:
+            col = self.col.cpu().long()
+            if int(col.min()) < 0 or int(col.max()) >= self.k:
+                raise ValueError(f"col: outlier columns must be in [0, {self.k}), got [{int(col.min())}, {int(col.max())}]")
+            if not bool(torch.isfinite(self.val).all()):
+                raise ValueError("val: outlier values contain NaN or Inf")
+        if self.bias is not None:
+            if self.bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"bias: dtype must be float16, bfloat16 or float32, got {self.bias.dtype}")
+            self._check_tensor("bias", self.bias, self.bias.dtype, (self.n,), device)
+        return self
+
+    @staticmethod
+    def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name}: dtype must be {dtype}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: shape must be {shape}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name}: on {t.device}, but the layer's perm is on {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: must be contiguous")
+
+    # -- accounting -----------------------------------------------------------------------------------
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored outliers."""
+        return self.col.numel()
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits stored per component, counted from the actual tensors (bias excluded: FP layers have it too)."""
+        return {
+            "codes": sum(_tensor_bits(c) for c in self.codes),
+            "codebooks": sum(_tensor_bits(c) for c in self.codebooks),
+            "outliers": _tensor_bits(self.row_ptr) + _tensor_bits(self.col) + _tensor_bits(self.val),
+            "perm": _tensor_bits(self.perm),
+        }
+
+    @property
+    def code_bits(self) -> float:
+        """Average code bits per weight actually allocated (the nominal width, without any overhead)."""
+        return sum(b * s for b, s in zip(SEGMENT_BITS, self.seg_k)) / self.k
+
+    @property
+    def effective_bits(self) -> float:
+        """All stored bits (codes, codebooks, outlier values + indices + row pointers, perm) per weight."""
+        return sum(self.storage_bits().values()) / (self.n * self.k)
+
+    # -- movement -------------------------------------------------------------------------------------
+
+    def to(self, device: torch.device | str) -> "CMPQLayer":
+        """Return a copy with every tensor on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            perm=move(self.perm),
+            codes=tuple(move(c) for c in self.codes),
+            codebooks=tuple(move(c) for c in self.codebooks),
+            row_ptr=move(self.row_ptr),
+            col=move(self.col),
+            val=move(self.val),
+            bias=move(self.bias),
+        )
+
+    def unpacked_codes(self, segment: int) -> np.ndarray:
+        """uint8 codes ``[n, seg_k[segment]]`` of one segment (NumPy unpack)."""
+        return unpack_codes(self.codes[segment].cpu().numpy(), SEGMENT_BITS[segment])
+
+    def __repr__(self) -> str:
+        return (f"CMPQLayer(n={self.n}, k={self.k}, bits={self.bits:g}, seg_k={self.seg_k}, nnz={self.nnz}, "
+                f"codebook_rows={self.codebook_rows}, effective_bits={self.effective_bits:.3f})")

@@ -1,0 +1,95 @@
+"""Python entry points to the ``torch.ops.cmpq`` custom ops, and their fake (meta) implementations.
+
+The schemas and the CPU kernels are registered by ``csrc/cmpq_ops.cpp``; CUDA implementations register
+against the same schemas. The fake implementations here repeat the C++ shape/dtype rules so
+``torch.compile`` and CUDA-graph capture see the same contract without running a kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .format import FORMAT_VERSION, CMPQLayer
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _layer_args(layer: CMPQLayer) -> tuple:
+    return (layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col, layer.val)
+
+
+def check_activation(x: torch.Tensor, layer: CMPQLayer) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming the problem if ``x`` cannot be multiplied by ``layer``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x: dtype must be one of float32/float16/bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != layer.k:
+        raise ValueError(f"x: last dimension must be in_features={layer.k}, got shape {tuple(x.shape)}")
+    if x.device != layer.perm.device:
+        raise ValueError(f"x: is on {x.device} but the layer is on {layer.perm.device}; move one of them")
+    if not x.is_contiguous():
+        raise ValueError("x: must be contiguous (call .contiguous())")
+
+
+def gemm(x: torch.Tensor, layer: CMPQLayer, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` straight from the packed layer.
+
+    Args:
+        x: ``[..., k]`` float32/float16/bfloat16, contiguous, on the layer's device.
+        layer: a validated :class:`CMPQLayer`.
+        bias: optional ``[n]``; defaults to ``layer.bias``.
+
+    Returns:
+        ``[..., n]`` in ``x.dtype``. Accumulation is FP32 on every backend.
+    """
+    check_activation(x, layer)
+    bias = layer.bias if bias is None else bias
+    y = torch.ops.cmpq.gemm(x.reshape(-1, layer.k), *_layer_args(layer), bias, layer.codebook_rows,
+                            layer.format_version)
+    return y.reshape(*x.shape[:-1], layer.n)
+
+
+def dequantize(layer: CMPQLayer, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``W`` ``[n, k]`` in original channel order, decoded by the compiled kernel of the layer's device."""
+    return torch.ops.cmpq.dequantize(*_layer_args(layer), layer.codebook_rows, layer.format_version, dtype)
+
+
+def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[rows, groups * 32]`` from packed int32 words ``[rows, groups * bits]`` (C++ layout)."""
+    return torch.ops.cmpq.unpack_codes(words, bits)
+
+
+def _n_and_k(perm: torch.Tensor, row_ptr: torch.Tensor) -> tuple[int, int]:
+    return row_ptr.shape[0] - 1, perm.shape[0]
+
+
+@torch.library.register_fake("cmpq::gemm")
+def _gemm_fake(x, perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val, bias,
+               codebook_rows, format_version):
+    n, k = _n_and_k(perm, row_ptr)
+    torch._check(format_version == FORMAT_VERSION, lambda: f"cmpq.gemm: unsupported format_version {format_version}")
+    torch._check(x.dtype in ACTIVATION_DTYPES, lambda: f"cmpq.gemm: x must be float32/float16/bfloat16, got {x.dtype}")
+    torch._check(x.dim() == 2, lambda: f"cmpq.gemm: x must be 2-D [m, k], got {tuple(x.shape)}")
+    torch._check(x.shape[1] == k, lambda: f"cmpq.gemm: x has {x.shape[1]} features but the layer has k={k}")
+    for codes, bits in ((codes4, 4), (codes3, 3), (codes2, 2)):
+        torch._check(codes.dim() == 2 and codes.shape[0] == n,
+                     lambda: f"cmpq.gemm: {bits}-bit codes must have n={n} rows, got {tuple(codes.shape)}")
+    if bias is not None:
+        torch._check(bias.shape == (n,), lambda: f"cmpq.gemm: bias must be [{n}], got {tuple(bias.shape)}")
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.register_fake("cmpq::dequantize")
+def _dequantize_fake(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
+                     codebook_rows, format_version, dtype):
+    n, k = _n_and_k(perm, row_ptr)
+    torch._check(format_version == FORMAT_VERSION, lambda: f"cmpq.dequantize: unsupported format_version {format_version}")
+    return perm.new_empty((n, k), dtype=dtype)
+
+
+@torch.library.register_fake("cmpq::unpack_codes")
+def _unpack_codes_fake(words, bits):
+    torch._check(bits in (2, 3, 4), lambda: f"cmpq.unpack_codes: bits must be 2, 3 or 4, got {bits}")
+    return words.new_empty((words.shape[0], words.shape[1] // bits * 32), dtype=torch.uint8)

@@ -1,0 +1,83 @@
+"""A calibration-free stand-in quantizer: weight -> :class:`CMPQLayer`.
+
+Temporary: it exists so the module, kernels and benchmarks have real packed layers to run before the
+CMPQ quantizer (calibration, salience allocation, weighted k-means, two outlier kinds) lands. It ranks
+channels by weight-column energy instead of activation salience, fits equal-frequency (quantile)
+codebooks instead of k-means, and keeps the largest residuals as outliers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .format import GROUP_CODES, MAX_BITS, MIN_BITS, SEGMENT_BITS, CMPQLayer
+
+
+def segment_sizes(k: int, bits: float) -> tuple[int, int, int]:
+    """Channels per segment (4, 3, 2-bit) for an average of ``bits``, in whole 32-channel groups.
+
+    Only two adjacent widths are mixed: ``bits <= 3`` mixes 3- and 2-bit, above that 4- and 3-bit.
+    """
+    if not (MIN_BITS <= bits <= MAX_BITS):
+        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    if k % GROUP_CODES:
+        raise ValueError(f"in_features {k} is not a multiple of {GROUP_CODES}")
+    groups = k // GROUP_CODES
+    low = 2 if bits <= 3 else 3
+    upper = int(round((bits - low) * groups)) * GROUP_CODES
+    return (upper, k - upper, 0) if low == 3 else (0, upper, k - upper)
+
+
+def _codebook_and_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row quantile codebooks (fp16, sorted) and nearest-entry codes for ``w`` ``[n, c]``."""
+    levels = 1 << bits
+    q = (torch.arange(levels, dtype=torch.float32) + 0.5) / levels
+    codebook = torch.quantile(w, q, dim=1).T.contiguous().half()  # [n, levels], sorted
+    cb = codebook.float()
+    midpoints = ((cb[:, 1:] + cb[:, :-1]) / 2).contiguous()
+    codes = torch.searchsorted(midpoints, w.contiguous())
+    return codebook, codes
+
+
+def quantize_standin(weight: torch.Tensor, bits: float = 3.0, outlier_fraction: float = 0.005,
+                     bias: Optional[torch.Tensor] = None) -> CMPQLayer:
+    """Quantize ``weight`` ``[n, k]`` to a :class:`CMPQLayer` with the stand-in method (see module doc).
+
+    Args:
+        weight: float tensor ``[out_features, in_features]``; ``in_features % 32 == 0``; finite.
+        bits: average code bits per weight, 2.0 ..4.0.
+        outlier_fraction: fraction of weights kept exactly as FP16 residual outliers (0 allowed).
+        bias: optional ``[out_features]`` stored with the layer.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if not (0.0 <= outlier_fraction < 1.0):
+        raise ValueError(f"outlier_fraction must be in [0, 1), got {outlier_fraction}")
+    w = weight.detach().float().cpu()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight contains NaN or Inf")
+    n, k = w.shape
+    seg_k = segment_sizes(k, bits)
+    order = torch.argsort(w.pow(2).sum(0), descending=True, stable=True)  # most energetic channels first
+    perm = torch.cat([torch.sort(part).values for part in torch.split(order, list(seg_k))])
+    w_packed = w[:, perm]
+    codes, codebooks, dense = [], [], []
+    for part, b in zip(torch.split(w_packed, list(seg_k), dim=1), SEGMENT_BITS):
+        if part.shape[1] == 0:
+            codebooks.append(torch.zeros(n, 1 << b, dtype=torch.float16))
+            codes.append(np.zeros((n, 0), dtype=np.uint8))
+            dense.append(part)
+            continue
+        codebook, c = _codebook_and_codes(part, b)
+        codebooks.append(codebook)
+        codes.append(c.to(torch.uint8).numpy())
+        dense.append(torch.gather(codebook.float(), 1, c))
+    residual = w_packed - torch.cat(dense, dim=1)
+    count = int(round(outlier_fraction * n * k))
+    top = torch.topk(residual.abs().flatten(), count).indices if count else torch.zeros(0, dtype=torch.long)
+    rows, cols = top // k, top % k
+    return CMPQLayer.from_codes(bits=bits, perm=perm.numpy(), codes=tuple(codes), codebooks=tuple(codebooks),
+                                outlier_rows=rows.numpy(), outlier_cols=cols.numpy(),
+                                outlier_vals=residual[rows, cols].half(), bias=bias)

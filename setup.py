@@ -1,0 +1,69 @@
+"""Build: a CPU CppExtension always; a CUDAExtension when a CUDA torch and a CUDA toolkit are present.
+
+Switches (environment):
+  CMPQ_FORCE_CUDA=1|0   build the CUDA extension, or skip it, regardless of detection (1 fails loudly if
+                        it cannot be built).
+  CMPQ_CUDA_ARCHS       semicolon list of SM targets for explicit -gencode flags, default "80;86;89;90a".
+                        Always explicit: without a visible GPU, torch's automatic arch list fails.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+# cpp_extension reads CUDA_HOME at import time.
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+
+
+def want_cuda() -> bool:
+    force = os.environ.get("CMPQ_FORCE_CUDA")
+    has_toolkit = cpp_extension.CUDA_HOME is not None
+    if force == "0":
+        return False
+    if force == "1":
+        if torch.version.cuda is None or not has_toolkit:
+            sys.exit(f"CMPQ_FORCE_CUDA=1 but torch.version.cuda={torch.version.cuda} and "
+                     f"CUDA_HOME={cpp_extension.CUDA_HOME}: install a CUDA torch and toolkit or unset it")
+        if not CUDA_SOURCES:
+            sys.exit("CMPQ_FORCE_CUDA=1 but this checkout has no csrc/cuda sources yet")
+        return True
+    return torch.version.cuda is not None and has_toolkit and bool(CUDA_SOURCES)
+
+
+def gencode_flags() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("CMPQ_CUDA_ARCHS", "80;86;89;90a").split(";") if a.strip()]
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+ext_modules = [
+    cpp_extension.CppExtension(
+        "cmpq_kernels._C",
+        ["csrc/cmpq_ops.cpp", "csrc/cpu/gemm_cpu.cpp"],
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+    )
+]
+if want_cuda():
+    print(f"cmpq_kernels: building the CUDA extension for {gencode_flags()}")
+    ext_modules.append(
+        cpp_extension.CUDAExtension(
+            "cmpq_kernels._C_cuda",
+            CUDA_SOURCES,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-Xptxas=-v", *gencode_flags()]},
+        )
+    )
+else:
+    print("cmpq_kernels: building the CPU extension only (no CUDA torch/toolkit/sources, or CMPQ_FORCE_CUDA=0)")
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})
