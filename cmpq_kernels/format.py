@@ -226,8 +226,8 @@ class CMPQLayer:
             if not bool(torch.isfinite(self.val).all()):
                 raise ValueError("val: outlier values contain NaN or Inf")
         if self.bias is not None:
-            if self.bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                raise ValueError(f"bias: dtype must be float16, bfloat16 or float32, got {self.bias.dtype}")
+            if self.bias.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise ValueError(f"bias: dtype must be a floating-point type, got {self.bias.dtype}")
             self._check_tensor("bias", self.bias, self.bias.dtype, (self.n,), device)
         return self
 

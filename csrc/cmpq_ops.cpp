@@ -13,6 +13,7 @@
 
 #include "cmpq_layout.h"
 #include "cpu/gemm_cpu.h"
+#include "torch_view.h"
 
 namespace cmpq {
 namespace {
@@ -22,65 +23,6 @@ namespace {
 constexpr int64_t kCpuDirectMaxM = 16;
 // Rows decoded per BLAS call in the large-batch path: bounds the float workspace to a few MiB.
 constexpr int64_t kDecodeBlockRows = 256;
-
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cmpq: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, "cmpq: ", name, " is on ", t.device(), " but x is on ", device);
-  TORCH_CHECK_VALUE(t.is_contiguous(), "cmpq: ", name, " must be contiguous (call .contiguous())");
-}
-
-// Validates the packed tensors against each other (not their values: CMPQLayer.validate does that once
-// at load time, so the hot path stays free of host syncs) and returns raw pointers.
-LayerView make_view(const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                    const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                    const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                    const at::Tensor& val, int64_t codebook_rows, int64_t format_version,
-                    const at::Device& device) {
-  TORCH_CHECK_VALUE(format_version == kFormatVersion, "cmpq: format_version ", format_version,
-                    " is not supported by this build (expects ", kFormatVersion, ")");
-  TORCH_CHECK_VALUE(codebook_rows >= 1, "cmpq: codebook_rows must be >= 1, got ", codebook_rows);
-  check_tensor(perm, "perm", at::kInt, device);
-  check_tensor(row_ptr, "row_ptr", at::kInt, device);
-  check_tensor(val, "val", at::kHalf, device);
-  TORCH_CHECK_TYPE(col.scalar_type() == at::kShort || col.scalar_type() == at::kInt,
-                   "cmpq: col must be int16 or int32, got ", col.scalar_type());
-  check_tensor(col, "col", col.scalar_type(), device);
-  TORCH_CHECK_VALUE(perm.dim() == 1 && row_ptr.dim() == 1 && col.dim() == 1 && val.dim() == 1,
-                    "cmpq: perm, row_ptr, col and val must be 1-D");
-  TORCH_CHECK_VALUE(row_ptr.size(0) >= 2, "cmpq: row_ptr must have n + 1 >= 2 entries, got ", row_ptr.size(0));
-  TORCH_CHECK_VALUE(col.size(0) == val.size(0), "cmpq: col has ", col.size(0), " entries but val has ",
-                    val.size(0));
-
-  LayerView view;
-  view.n = static_cast<int>(row_ptr.size(0) - 1);
-  view.k = static_cast<int>(perm.size(0));
-  view.codebook_rows = static_cast<int>(codebook_rows);
-  const at::Tensor* codes[kNumSegments] = {&codes4, &codes3, &codes2};
-  const at::Tensor* codebooks[kNumSegments] = {&codebook4, &codebook3, &codebook2};
-  const int64_t codebook_count = (view.n + codebook_rows - 1) / codebook_rows;
-  int64_t k_total = 0;
-  for (int s = 0; s < kNumSegments; ++s) {
-    const int bits = segment_bits(s);
-    const at::Tensor& c = *codes[s];
-    const at::Tensor& cb = *codebooks[s];
-    check_tensor(c, bits == 4 ? "codes4" : bits == 3 ? "codes3" : "codes2", at::kInt, device);
-    check_tensor(cb, bits == 4 ? "codebook4" : bits == 3 ? "codebook3" : "codebook2", at::kHalf, device);
-    TORCH_CHECK_VALUE(c.dim() == 2 && c.size(0) == view.n && c.size(1) % bits == 0, "cmpq: ", bits,
-                      "-bit codes must be [n=", view.n, ", groups*", bits, "], got ", c.sizes());
-    TORCH_CHECK_VALUE(cb.dim() == 2 && cb.size(0) == codebook_count && cb.size(1) == (1 << bits), "cmpq: ", bits,
-                      "-bit codebook must be [", codebook_count, ", ", (1 << bits), "], got ", cb.sizes());
-    view.seg_k[s] = static_cast<int>(c.size(1) / bits * kGroupCodes);
-    view.codes[s] = reinterpret_cast<const uint32_t*>(c.data_ptr<int32_t>());
-    view.codebook[s] = reinterpret_cast<const uint16_t*>(cb.data_ptr<at::Half>());
-    k_total += view.seg_k[s];
-  }
-  TORCH_CHECK_VALUE(k_total == view.k, "cmpq: segments hold ", k_total, " channels but perm has k=", view.k);
-  view.row_ptr = row_ptr.data_ptr<int32_t>();
-  view.col = col.data_ptr();
-  view.col_is_int32 = col.scalar_type() == at::kInt;
-  view.val = reinterpret_cast<const uint16_t*>(val.data_ptr<at::Half>());
-  return view;
-}
 
 cpu::Isa cpu_isa_for_call() {
   // CMPQ_CPU_SIMD=0 forces the scalar path (tests run both; it also helps bisect a suspected SIMD bug).
@@ -110,19 +52,9 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tenso
                     const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
                     const at::Tensor& val, const std::optional<at::Tensor>& bias, int64_t codebook_rows,
                     int64_t format_version) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   "cmpq.gemm: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, "cmpq.gemm: x must be 2-D [m, k], got ", x.sizes());
-  TORCH_CHECK_VALUE(x.is_contiguous(), "cmpq.gemm: x must be contiguous (call .contiguous())");
   const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
                                    codebook_rows, format_version, x.device());
-  TORCH_CHECK_VALUE(x.size(1) == view.k, "cmpq.gemm: x has ", x.size(1), " features but the layer has k=", view.k);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == view.n, "cmpq.gemm: bias must be [", view.n, "], got ",
-                      bias->sizes());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), "cmpq.gemm: bias is on ", bias->device(), " but x is on ",
-                      x.device());
-  }
+  check_gemm_inputs(x, view, bias, /*allow_float32=*/true);
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, view.n}, x.options().dtype(at::kFloat));
   if (m > 0) {

@@ -1,0 +1,117 @@
+"""CMPQLinear: quantizing an nn.Linear, state_dict, dtype casts, torch.compile, batch dims."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from cmpq_kernels import CMPQLinear, reference
+from conftest import TOLERANCES, assert_matches_reference, make_layer, norm_rel_error, random_x
+
+K, N = 256, 100
+
+
+def make_linear(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(K, N)
+
+
+@pytest.fixture(scope="module")
+def modules() -> dict[float, CMPQLinear]:
+    """The same nn.Linear quantized at 2.5 and 4 bits (quantizing is the slow part, so once per module)."""
+    linear = make_linear()
+    return {bits: CMPQLinear.from_linear(linear, bits=bits) for bits in (2.5, 4.0)}
+
+
+@pytest.mark.parametrize("bits", [2.5, 4.0])
+def test_from_linear_matches_reference(modules, bits):
+    module = modules[bits]
+    assert (module.in_features, module.out_features, module.bits) == (K, N, bits)
+    assert module.layer.code_bits == pytest.approx(bits, abs=32 / K)
+    x = random_x(7, K)
+    assert_matches_reference(module(x), x, module.layer)
+
+
+def test_more_bits_approximate_the_linear_better(modules):
+    linear, x = make_linear(), random_x(32, K)
+    with torch.no_grad():
+        exact = linear(x)
+    errors = {bits: norm_rel_error(module(x), exact) for bits, module in modules.items()}
+    assert errors[4.0] < errors[2.5] < 0.5, errors
+
+
+def test_from_linear_keeps_bias_and_rejects_other_modules():
+    linear = make_linear()
+    assert torch.equal(CMPQLinear.from_linear(linear).bias, linear.bias.detach())
+    assert CMPQLinear.from_linear(nn.Linear(K, N, bias=False)).bias is None
+    with pytest.raises(TypeError, match="expected nn.Linear"):
+        CMPQLinear.from_linear(nn.Conv1d(K, N, 1))
+
+
+def test_state_dict_round_trip(modules):
+    """Loading into a module built from a *different* layer of the same shapes reproduces the outputs."""
+    source = modules[2.5]
+    target = CMPQLinear.from_linear(make_linear(seed=1), bits=2.5)
+    x = random_x(5, K)
+    assert not torch.equal(target(x), source(x))
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    target.load_state_dict(torch.load(buffer))
+    assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16)], ids=["half", "bf16"])
+def test_dtype_casts_leave_packed_tensors_bit_identical(cast):
+    layer = make_layer(N, K, outlier_density=0.02, bias=torch.float32, seed=5)
+    module = CMPQLinear(layer)
+    before = {name: t.clone() for name, t in module.state_dict().items() if name != "bias"}
+    cast(module)
+    after = module.state_dict()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    for ours, theirs in zip(module.layer.codebooks, layer.codebooks):  # fp16 views, bit for bit
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    module.layer.validate()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cast_module_runs_reduced_precision_input(dtype):
+    layer = make_layer(N, K, outlier_density=0.02, bias=torch.float32, seed=5)
+    module = CMPQLinear(layer).to(dtype)
+    assert module.bias.dtype == dtype  # the bias follows the module dtype
+    for m in (3, 20):  # direct and BLAS paths
+        x = random_x(m, K, dtype)
+        y = module(x)
+        assert y.dtype == dtype
+        assert_matches_reference(y, x, module.layer)
+        assert norm_rel_error(y, reference.linear(x.double(), layer)) <= TOLERANCES[dtype][0]
+
+
+def test_leading_batch_dims(modules):
+    module = modules[4.0]
+    x = random_x(6, K).reshape(2, 3, K)
+    y = module(x)
+    assert y.shape == (2, 3, N)
+    assert torch.equal(y, module(x.reshape(6, K)).reshape(2, 3, N))
+    assert_matches_reference(y, x, module.layer)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch internals
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_torch_compile_matches_eager(modules, backend):
+    """fullgraph + dynamic: the fake impls must describe the op for symbolic batch sizes."""
+    module = modules[2.5]
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=backend, fullgraph=True, dynamic=True)
+    for shape in [(2, 3, K), (5, K), (40, K)]:
+        x = random_x(40, K)[: shape[0] * (shape[1] if len(shape) == 3 else 1)].reshape(shape)
+        try:
+            y = compiled(x)
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as error:
+            if backend == "inductor":
+                pytest.skip(f"inductor toolchain unavailable: {type(error).__name__}")
+            raise
+        assert torch.equal(y, module(x))
