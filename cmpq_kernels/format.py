@@ -13,7 +13,7 @@ Layout (mirrors ``csrc/cmpq_layout.h`` bit for bit; see the diagram there):
   uint32 arithmetic, so they are held as int32 and viewed back as uint32 where needed);
 * ``codebooks[s]``: fp16 ``[ceil(N / codebook_rows), 2**bits]``;
 * outliers: CSR over packed columns holding the residual ``W - Q(W)``: ``row_ptr`` int32 ``[N + 1]``,
-  ``col`` int16 (``K <= 32767``) or int32, ``val`` fp16;
+  ``col`` int16 (``K <= 32767``) or int32, sorted within each row (repeats legal: they add), ``val`` fp16;
 * optional ``bias`` fp16/bf16/fp32 ``[N]``.
 """
 from __future__ import annotations
@@ -223,6 +223,9 @@ class CMPQLayer:
             col = self.col.cpu().long()
             if int(col.min()) < 0 or int(col.max()) >= self.k:
                 raise ValueError(f"col: outlier columns must be in [0, {self.k}), got [{int(col.min())}, {int(col.max())}]")
+            rows = torch.repeat_interleave(torch.arange(self.n), row_ptr[1:] - row_ptr[:-1])
+            if bool(((col[1:] < col[:-1]) & (rows[1:] == rows[:-1])).any()):
+                raise ValueError("col: outlier columns must be sorted within each row (from_codes sorts them)")
             if not bool(torch.isfinite(self.val).all()):
                 raise ValueError("val: outlier values contain NaN or Inf")
         if self.bias is not None:

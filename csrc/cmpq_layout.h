@@ -16,7 +16,8 @@
 //                                               each group is exactly b words, so no bit is wasted.
 //   codebook_b fp16   [ceil(N / codebook_rows), 2^b]   row n uses codebook row n / codebook_rows.
 //   outliers   CSR over packed columns: row_ptr int32 [N+1], col int16|int32 [nnz], val fp16 [nnz]
-//              holding the residual W - Q(W), so the dense path stays uniform.
+//              holding the residual W - Q(W), so the dense path stays uniform. Columns are sorted
+//              within a row; repeated columns are legal, adjacent, and add up.
 //
 // Why row-major groups of b words: a warp that owns a row reads consecutive groups, so every DRAM sector
 // it touches is fully used; a group never straddles a word, so decode needs no cross-word funnel shifts
@@ -180,6 +181,20 @@ struct LayerView {
   }
   CMPQ_HD const uint16_t* row_codebook(int s, int row) const {
     return codebook[s] + static_cast<int64_t>(row / codebook_rows) * (1 << segment_bits(s));
+  }
+  // fp16 bits of the codebook value at packed column j of row (the dense part, without outliers).
+  // Segments are picked with constant indices: a runtime index into a kernel-parameter array would
+  // force a local-memory copy of the whole view.
+  CMPQ_HD uint16_t dense_value_bits(int row, int j) const {
+    if (j < seg_k[0]) return segment_value_bits<0>(row, j);
+    if (j < seg_k[0] + seg_k[1]) return segment_value_bits<1>(row, j - seg_k[0]);
+    return segment_value_bits<2>(row, j - seg_k[0] - seg_k[1]);
+  }
+  template <int S>
+  CMPQ_HD uint16_t segment_value_bits(int row, int j) const {
+    constexpr int kBits = 4 - S;
+    const uint32_t* words = row_codes(S, row) + (j / kGroupCodes) * kBits;
+    return row_codebook(S, row)[group_code<kBits>(words, j % kGroupCodes)];
   }
   CMPQ_HD int outlier_col(int32_t i) const {
     return col_is_int32 ? static_cast<const int32_t*>(col)[i] : static_cast<const int16_t*>(col)[i];

@@ -92,12 +92,14 @@ def norm_rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, layer: CMPQLayer,
-                             bias: Optional[torch.Tensor] = None, w64: Optional[torch.Tensor] = None) -> None:
+                             bias: Optional[torch.Tensor] = None, w64: Optional[torch.Tensor] = None,
+                             weight_round: float = 0.0) -> None:
     """Check ``y = gemm(x, layer, bias)`` against the float64 ``reference.linear`` of the same ``x``.
 
     Two checks: the norm-relative error (the acceptance criterion), and a per-element bound so a single
     wrong element cannot hide in the norm of a large output. ``w64`` (float64 dequantized W) may be passed
-    to avoid decoding a big layer again for the element bound.
+    to avoid decoding a big layer again for the element bound. ``weight_round`` is the unit roundoff of a
+    kernel that rounds decoded weights to a 16-bit type before multiplying (tensor-core and decode paths).
     """
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], layer.n)
     assert bool(torch.isfinite(y).all()), "output has NaN/Inf"
@@ -111,7 +113,7 @@ def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, layer: CMPQLayer,
     absdot = x.double().abs() @ w64.abs().T
     if bias is not None:
         absdot = absdot + bias.double().abs()
-    acc = ACCUMULATION_TOL * absdot
+    acc = (ACCUMULATION_TOL + weight_round) * absdot
     bound = out_round * (ref.abs() + acc) + acc + 1e-30
     bad = (y.double() - ref).abs() > bound
     assert not bool(bad.any()), (

@@ -1,0 +1,54 @@
+// kernels.h — torch-free launchers of the CMPQ CUDA kernels.
+//
+// Each launcher takes raw pointers, sizes and a stream, launches one kernel and returns an error code;
+// the bindings (cmpq_cuda.cpp on a GPU, emu_ops.cpp under the host SIMT emulation) turn codes into
+// exceptions that carry the offending values. The same kernel source builds with nvcc and with g++.
+#pragma once
+
+#include <stdint.h>
+
+#include "../cmpq_layout.h"
+#if defined(__CUDACC__) || defined(CMPQ_EMU)
+#include "compat.cuh"  // kernel sources, and every file of the emulated build
+#else
+#include <cuda_runtime_api.h>  // the real CUDA build's host-compiled bindings only need cudaStream_t
+#endif
+
+namespace cmpq {
+namespace cuda {
+
+// Activation/output element type; the kernels are instantiated for both.
+enum class ActDtype { kHalf, kBFloat16 };
+
+enum class Status {
+  kOk = 0,
+  kBadBatch,       // m outside the kernel's supported range
+  kBadShape,       // n, k or segment sizes not representable
+  kLaunchFailed,   // the runtime refused the launch (see cudaGetLastError)
+};
+
+const char* status_message(Status status);
+
+// Batch ranges of the three paths (the dispatch table; see gpu_ops.h):
+constexpr int kGemvMaxM = 8;    // m <= 8: fused GEMV
+constexpr int kGemmMaxM = 128;  // m <= 128: tensor-core GEMM; larger m: decode + cuBLAS
+
+// y[m, n] = x[m, :] @ W.T (+ bias[n]), for 1 <= m <= kGemvMaxM.
+//   x:    [m, k] in original channel order (the kernel gathers through perm itself), dtype `dtype`.
+//   perm: [k] int32.   bias: [n] float32 or nullptr (added in FP32).   y: [m, n] of `dtype`.
+// One launch decodes all segments and adds the CSR outliers; FP32 accumulation; no atomics, so the
+// result is deterministic.
+Status launch_gemv(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
+                   ActDtype dtype, cudaStream_t stream);
+
+// Same contract as launch_gemv for 1 <= m <= kGemmMaxM, on tensor cores (mma.sync m16n8k16, FP32
+// accumulation); outliers are added in the epilogue in CSR order, so it is deterministic too.
+Status launch_gemm(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
+                   ActDtype dtype, cudaStream_t stream);
+
+// w[n, k] = W in packed column order (codebook value + outlier residual), rounded once to `dtype`.
+// The large-batch path multiplies it with x[:, perm] through cuBLAS.
+Status launch_decode(const LayerView& layer, void* w, ActDtype dtype, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace cmpq

@@ -1,0 +1,290 @@
+// ptx.cuh — the inline-PTX instructions the kernels use, each with a C++ twin for the CPU emulation.
+// Everything lives in cmpq::ptx (kernels inside namespace cmpq write ptx::mma_m16n8k16_f16f32(...)).
+//
+// Every helper has three branches: real asm when compiling device code (__CUDA_ARCH__); the emulation under
+// a plain C++ compiler (!__CUDACC__; collective instructions go through emu's warp_collective); and an
+// empty body for nvcc's host pass, which compiles device function bodies without __CUDA_ARCH__ and never
+// runs them. The emulation follows the PTX ISA; where the GPU's result is not bit-defined (mma summation
+// order) the twin documents its choice and tests compare with tolerances.
+#pragma once
+
+#include <stdint.h>
+
+#include "compat.cuh"
+
+#if !defined(__CUDACC__)
+#include <string>
+#endif
+
+namespace cmpq {
+namespace ptx {
+
+// ---- bit manipulation ------------------------------------------------------------------------------------
+
+// Any 3-input bitwise function in one instruction: decode masks and merges exponent bits (Marlin-style).
+// LUT is F(0xF0, 0xCC, 0xAA) for the wanted F(a, b, c), e.g. (a & b) | c -> (0xF0 & 0xCC) | 0xAA.
+template <uint32_t LUT>
+CMPQ_DEVICE_INLINE uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(LUT));
+  return r;
+#elif !defined(__CUDACC__)
+  static_assert(LUT <= 0xffu, "lop3 LUT is 8 bits");
+  uint32_t r = 0;  // OR of the minterms the LUT selects; minterm i = (a bit, b bit, c bit) = (i>>2, i>>1, i) & 1
+  for (int i = 0; i < 8; ++i)
+    if ((LUT >> i) & 1u) r |= ((i & 4) ? a : ~a) & ((i & 2) ? b : ~b) & ((i & 1) ? c : ~c);
+  return r;
+#else
+  (void)a, (void)b, (void)c;
+  return 0;
+#endif
+}
+
+// Byte permute (prmt.b32 default mode): byte i of the result is byte (sel >> 4i) & 7 of {b:a}; when bit 3
+// of that nibble is set, the byte's sign bit is replicated instead (this differs from __byte_perm, which
+// ignores bit 3). One instruction places code bytes into fp16 mantissas.
+CMPQ_DEVICE_INLINE uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+#elif !defined(__CUDACC__)
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t nib = (sel >> (4 * i)) & 0xfu;
+    uint32_t byte = static_cast<uint32_t>(v >> (8 * (nib & 7u))) & 0xffu;
+    if (nib & 8u) byte = (byte & 0x80u) ? 0xffu : 0u;
+    r |= byte << (8 * i);
+  }
+  return r;
+#else
+  (void)a, (void)b, (void)sel;
+  return 0;
+#endif
+}
+
+// ---- tensor cores ----------------------------------------------------------------------------------------
+
+#if !defined(__CUDACC__)
+namespace emu_ptx {
+// Fragment layout of mma.m16n8k16 (PTX ISA), g = lane >> 2, t = lane & 3, low half = first element:
+//   A 16x16 row-major: a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B 16x8 (K x N):    b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
+//   C/D 16x8 fp32:     c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1]
+// D[i][j] = C[i][j] + A[i][0]*B[0][j] + ... + A[i][15]*B[15][j], added left to right in fp32. Every product
+// of two fp16/bf16 values is exact in fp32, so only the additions round; the GPU's order and internal
+// precision differ, so results agree within a few fp32 ulps of the sum's magnitude, not bit for bit.
+struct MmaIn { uint32_t a[4], b[2]; float c[4]; };
+struct MmaOut { float d[4]; };
+template <bool BF16>
+inline float mma_elem(uint32_t word, int hi) {
+  const auto bits = static_cast<unsigned short>(word >> (16 * hi));
+  return BF16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
+}
+template <bool BF16>
+inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  const MmaIn mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  const MmaOut out = emu::warp_collective<MmaIn, MmaOut>(0xffffffffu, mine, [](const MmaIn* in, MmaOut* o) {
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, t = l & 3;
+      for (int h = 0; h < 2; ++h) {
+        A[g][2 * t + h] = mma_elem<BF16>(in[l].a[0], h);
+        A[g + 8][2 * t + h] = mma_elem<BF16>(in[l].a[1], h);
+        A[g][2 * t + 8 + h] = mma_elem<BF16>(in[l].a[2], h);
+        A[g + 8][2 * t + 8 + h] = mma_elem<BF16>(in[l].a[3], h);
+        B[2 * t + h][g] = mma_elem<BF16>(in[l].b[0], h);
+        B[2 * t + 8 + h][g] = mma_elem<BF16>(in[l].b[1], h);
+        C[g][2 * t + h] = in[l].c[h];
+        C[g + 8][2 * t + h] = in[l].c[2 + h];
+      }
+    }
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 8; ++j)
+        for (int k = 0; k < 16; ++k) C[i][j] += A[i][k] * B[k][j];
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, t = l & 3;
+      o[l] = MmaOut{{C[g][2 * t], C[g][2 * t + 1], C[g + 8][2 * t], C[g + 8][2 * t + 1]}};
+    }
+  });
+  for (int i = 0; i < 4; ++i) d[i] = out.d[i];
+}
+}  // namespace emu_ptx
+#endif
+
+// D = A * B + C on one 16x8x16 tile, fp16 inputs, fp32 accumulate; the whole warp participates (layout above).
+CMPQ_DEVICE_INLINE void mma_m16n8k16_f16f32(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#elif !defined(__CUDACC__)
+  emu_ptx::mma_m16n8k16<false>(d, a, b, c);
+#else
+  (void)d, (void)a, (void)b, (void)c;
+#endif
+}
+
+// The bf16 twin: same fragment layout, bf16 inputs (the format of BF16 activations), fp32 accumulate.
+CMPQ_DEVICE_INLINE void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#elif !defined(__CUDACC__)
+  emu_ptx::mma_m16n8k16<true>(d, a, b, c);
+#else
+  (void)d, (void)a, (void)b, (void)c;
+#endif
+}
+
+// ---- ldmatrix: 8x8 b16 tiles from shared memory straight into mma fragments ------------------------------
+
+#if !defined(__CUDACC__)
+namespace emu_ptx {
+// Lanes 8i..8i+7 give the 16-byte row addresses of matrix i; lane l receives in r[i] the elements
+// (row l>>2, columns 2(l&3), 2(l&3)+1) of matrix i, or of its transpose with TRANS.
+template <int NUM, bool TRANS>
+inline void ldmatrix(uint32_t* r, const void* row) {
+  struct Out { uint32_t r[4]; };
+  const Out out = emu::warp_collective<const void*, Out>(0xffffffffu, row, [](const void* const* rows, Out* o) {
+    for (int i = 0; i < 8 * NUM; ++i)
+      if (reinterpret_cast<uintptr_t>(rows[i]) % 16 != 0)
+        throw std::runtime_error("ldmatrix: row address of lane " + std::to_string(i) + " is not 16-byte aligned");
+    auto elem = [&](int m, int r_, int c_) {
+      uint16_t v;
+      std::memcpy(&v, static_cast<const char*>(rows[8 * m + r_]) + 2 * c_, 2);
+      return static_cast<uint32_t>(v);
+    };
+    for (int l = 0; l < 32; ++l)
+      for (int m = 0; m < NUM; ++m) {
+        const int r_ = l >> 2, c_ = 2 * (l & 3);
+        o[l].r[m] = TRANS ? elem(m, c_, r_) | elem(m, c_ + 1, r_) << 16 : elem(m, r_, c_) | elem(m, r_, c_ + 1) << 16;
+      }
+  });
+  for (int m = 0; m < NUM; ++m) r[m] = out.r[m];
+}
+}  // namespace emu_ptx
+#endif
+
+// No "memory" clobber, as in CUTLASS: the __syncthreads / cp_async_wait that must precede a read of data
+// other threads wrote already order it, and a clobber would force reloads of unrelated registers.
+CMPQ_DEVICE_INLINE void ldmatrix_x4(uint32_t r[4], const void* smem_row_ptr) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+#elif !defined(__CUDACC__)
+  emu_ptx::ldmatrix<4, false>(r, smem_row_ptr);
+#else
+  (void)r, (void)smem_row_ptr;
+#endif
+}
+
+// Transposed: loads a K-major tile as the column-major B fragment without a shared-memory transpose.
+CMPQ_DEVICE_INLINE void ldmatrix_x4_trans(uint32_t r[4], const void* smem_row_ptr) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+#elif !defined(__CUDACC__)
+  emu_ptx::ldmatrix<4, true>(r, smem_row_ptr);
+#else
+  (void)r, (void)smem_row_ptr;
+#endif
+}
+
+// Two matrices (a B fragment pair); only lanes 0-15 supply addresses.
+CMPQ_DEVICE_INLINE void ldmatrix_x2(uint32_t r[2], const void* smem_row_ptr) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+#elif !defined(__CUDACC__)
+  emu_ptx::ldmatrix<2, false>(r, smem_row_ptr);
+#else
+  (void)r, (void)smem_row_ptr;
+#endif
+}
+
+// Transposed pair: the B fragment of one n8 tile from a K-major (row = k) shared-memory tile.
+CMPQ_DEVICE_INLINE void ldmatrix_x2_trans(uint32_t r[2], const void* smem_row_ptr) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+#elif !defined(__CUDACC__)
+  emu_ptx::ldmatrix<2, true>(r, smem_row_ptr);
+#else
+  (void)r, (void)smem_row_ptr;
+#endif
+}
+
+// One matrix; only lanes 0-7 supply addresses.
+CMPQ_DEVICE_INLINE void ldmatrix_x1(uint32_t r[1], const void* smem_row_ptr) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(s));
+#elif !defined(__CUDACC__)
+  emu_ptx::ldmatrix<1, false>(r, smem_row_ptr);
+#else
+  (void)r, (void)smem_row_ptr;
+#endif
+}
+
+// ---- cp.async: global -> shared copies that bypass registers and overlap with compute ---------------------
+// The emulation defers each copy until a cp_async_wait<N> retires its group, so a missing wait (or a
+// wait<N> that leaves the needed group in flight) shows up as poisoned shared memory, as it would on a GPU.
+
+// 16 bytes, both addresses 16-byte aligned; .cg caches in L2 only (streamed weights do not pollute L1).
+CMPQ_DEVICE_INLINE void cp_async_16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#elif !defined(__CUDACC__)
+  if ((reinterpret_cast<uintptr_t>(smem) | reinterpret_cast<uintptr_t>(gmem)) % 16 != 0)
+    throw std::runtime_error("cp_async_16: addresses must be 16-byte aligned");
+  emu::detail::cp_async(smem, gmem, 16, false);
+#else
+  (void)smem, (void)gmem;
+#endif
+}
+
+// As cp_async_16, but writes 16 zero bytes and reads nothing from gmem when pred is false (tile edges).
+CMPQ_DEVICE_INLINE void cp_async_16_pred(void* smem, const void* gmem, bool pred) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0) : "memory");
+#elif !defined(__CUDACC__)
+  if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || (pred && reinterpret_cast<uintptr_t>(gmem) % 16 != 0))
+    throw std::runtime_error("cp_async_16_pred: addresses must be 16-byte aligned");
+  emu::detail::cp_async(smem, gmem, 16, !pred);
+#else
+  (void)smem, (void)gmem, (void)pred;
+#endif
+}
+
+// Closes the current group of cp.async operations (the unit cp_async_wait counts).
+CMPQ_DEVICE_INLINE void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+  emu::detail::cp_async_commit();
+#endif
+}
+
+// Waits until at most N committed groups are in flight (N = pipeline depth - 1 in a multi-stage loop). The
+// copies are visible to the calling thread only: a __syncthreads must follow before others read them.
+template <int N>
+CMPQ_DEVICE_INLINE void cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif !defined(__CUDACC__)
+  emu::detail::cp_async_wait(N);
+#endif
+}
+
+}  // namespace ptx
+}  // namespace cmpq

@@ -1,0 +1,71 @@
+// emu_ops.cpp — the CUDA kernels' exact sources, compiled for the host under the SIMT emulation
+// (csrc/emu/), exposed as torch.ops.cmpq_emu.* on CPU tensors with the schemas of cmpq::gemm and
+// cmpq::dequantize. This is how CI, which has no GPU, tests the kernel logic. Keep shapes small: an
+// emulated launch runs every CUDA thread as a fiber.
+#include <Python.h>
+
+#include <torch/library.h>
+#include <torch/torch.h>
+
+// Torch first: the emulation defines CUDA keywords (__shared__, threadIdx, ...) as macros.
+#define CMPQ_EMU 1
+#include "cuda/dequant.cu"
+#include "cuda/gemm_tc.cu"
+#include "cuda/gemv.cu"
+#include "gpu_ops.h"
+
+namespace {
+
+at::Tensor gemm_emu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
+                    const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
+                    const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
+                    const at::Tensor& val, const std::optional<at::Tensor>& bias, int64_t codebook_rows,
+                    int64_t format_version) {
+  return cmpq::gpu_gemm(x, perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val, bias,
+                        codebook_rows, format_version, nullptr);
+}
+
+at::Tensor dequantize_emu(const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
+                          const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
+                          const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
+                          const at::Tensor& val, int64_t codebook_rows, int64_t format_version,
+                          at::ScalarType dtype) {
+  return cmpq::gpu_dequantize(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
+                              codebook_rows, format_version, dtype, nullptr);
+}
+
+// Fiber order inside each emulated block: "forward", "reverse" or "random" (seeded). Reverse and random
+// orders expose a missing __syncthreads that forward order would hide.
+void set_schedule(const std::string& order, int64_t seed) {
+  using cmpq::emu::Schedule;
+  TORCH_CHECK_VALUE(order == "forward" || order == "reverse" || order == "random",
+                    "cmpq_emu.set_schedule: order must be forward, reverse or random, got ", order);
+  cmpq::emu::set_schedule(order == "forward" ? Schedule::kForward
+                                             : (order == "reverse" ? Schedule::kReverse : Schedule::kRandom),
+                          static_cast<uint64_t>(seed));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cmpq_emu, m) {
+  m.def(
+      "gemm(Tensor x, Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
+      "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, Tensor? bias, "
+      "int codebook_rows, int format_version) -> Tensor");
+  m.def(
+      "dequantize(Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
+      "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, int codebook_rows, "
+      "int format_version, ScalarType dtype) -> Tensor");
+  m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
+}
+
+TORCH_LIBRARY_IMPL(cmpq_emu, CPU, m) {
+  m.impl("gemm", &gemm_emu);
+  m.impl("dequantize", &dequantize_emu);
+}
+
+PyMODINIT_FUNC PyInit__C_emu(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_emu",
+                                      "CUDA kernels run on the CPU under SIMT emulation (tests)", -1, nullptr};
+  return PyModule_Create(&module);
+}
