@@ -1,0 +1,217 @@
+"""The CUDA kernels (gemv.cu, gemm_tc.cu, dequant.cu) against the reference, on two backends.
+
+* ``emu``: the exact kernel sources on the CPU under the SIMT emulation (``torch.ops.cmpq_emu.*``, same
+  schemas and the same GPU dispatch of ``csrc/gpu_ops.h``: m <= 8 GEMV, m <= 128 tensor-core GEMM, larger
+  m decode + matmul). Runs everywhere, CI included. Outputs and workspaces are poisoned with NaN inside
+  the emulated op, so an element a kernel fails to write shows up as NaN.
+* ``cuda``: ``torch.ops.cmpq.*`` on a real GPU (skipped without one). The caching allocator is filled
+  with NaN before each call, so the op's fresh output very likely lands on poisoned memory.
+
+Tolerances (on top of conftest's FP32-accumulation + one output rounding bound): the GEMV multiplies FP32
+codebook values, so it needs nothing more; the GEMM and decode paths round decoded weights to the
+activation type first — exact for FP16 codebook values, 2**-8 relative for BF16, and 2**-11 for FP16
+codebook+outlier sums on the decode path. The emulation sums in a different order from a GPU, so GPU
+results agree with these to the same tolerances, not bit for bit.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cmpq_kernels
+import cmpq_kernels._C_emu  # noqa: F401  (registers torch.ops.cmpq_emu)
+from cmpq_kernels import reference
+from cmpq_kernels.format import CMPQLayer
+
+from conftest import assert_matches_reference, make_layer, random_x
+
+GEMV_MAX_M, GEMM_MAX_M = 8, 128
+SCHEDULES = ("forward", "reverse", "random")
+DTYPES = (torch.float16, torch.bfloat16)
+SEGMENT_MIXES = [(96, 0, 0), (0, 96, 0), (0, 0, 96), (32, 32, 32), (0, 64, 32), (64, 0, 32), (32, 64, 0)]
+
+
+HAS_CUDA = torch.cuda.is_available() and cmpq_kernels.backends()["cuda"]
+BACKENDS = ["emu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU / CUDA build"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+def poison_cuda_allocator() -> None:
+    """Fill free cached blocks with NaN so a kernel that skips an output element is caught on the GPU too."""
+    torch.full((1 << 24,), float("nan"), device="cuda")  # freed at once, back in the cache
+
+
+def emu_gemm(x: torch.Tensor, layer: CMPQLayer, bias=None, schedule: str = "forward",
+             backend: str = "emu") -> torch.Tensor:
+    """``gemm`` on the chosen backend; inputs and result on the CPU. ``schedule`` orders emulated fibers."""
+    bias = layer.bias if bias is None else bias
+    if backend == "cuda":
+        poison_cuda_allocator()
+        layer = layer.to("cuda")
+        bias = None if bias is None else bias.cuda()
+        return torch.ops.cmpq.gemm(x.cuda(), layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col,
+                                   layer.val, bias, layer.codebook_rows, layer.format_version).cpu()
+    torch.ops.cmpq_emu.set_schedule(schedule, 7)
+    return torch.ops.cmpq_emu.gemm(x, layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col,
+                                   layer.val, bias, layer.codebook_rows, layer.format_version)
+
+
+def weight_round(m: int, dtype: torch.dtype) -> float:
+    """Unit roundoff of the decoded weights on the path that batch size m takes (see module doc)."""
+    if m <= GEMV_MAX_M:
+        return 0.0
+    if dtype == torch.bfloat16:
+        return 2.0**-8
+    return 0.0 if m <= GEMM_MAX_M else 2.0**-11
+
+
+def check(layer: CMPQLayer, m: int, dtype: torch.dtype, schedule: str = "forward", seed: int = 0,
+          backend: str = "emu") -> torch.Tensor:
+    x = random_x(m, layer.k, dtype, seed)
+    y = emu_gemm(x, layer, schedule=schedule, backend=backend)
+    assert_matches_reference(y, x, layer, weight_round=weight_round(m, dtype))
+    return y
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 100, 128, 129, 150])
+def test_every_path_matches_reference(m, dtype, schedule, backend):
+    if backend == "cuda" and schedule != "forward":
+        pytest.skip("fiber schedules are an emulation concept")
+    layer = make_layer(37, 160, (64, 32, 64), outlier_density=0.02, bias=torch.float16, seed=m)
+    check(layer, m, dtype, schedule, seed=m, backend=backend)
+
+
+@pytest.mark.parametrize("seg_k", SEGMENT_MIXES)
+@pytest.mark.parametrize("m", [1, 7, 20, 140])
+def test_segment_mixes(seg_k, m, backend):
+    layer = make_layer(70, sum(seg_k), seg_k, outlier_density=0.01, seed=sum(seg_k) + m)
+    check(layer, m, torch.float16, "reverse", backend=backend)
+
+
+@pytest.mark.parametrize("n,k", [(1, 32), (3, 64), (65, 32), (130, 1088), (200, 2080)])
+@pytest.mark.parametrize("m", [1, 4, 24])
+def test_awkward_shapes(n, k, m, backend):
+    """n around the 8-row GEMV and 64-row GEMM blocks; k spanning 1024-column GEMV chunks and 64-column GEMM steps."""
+    check(make_layer(n, k, outlier_density=0.005, seed=n + k), m, torch.bfloat16, "random", backend=backend)
+
+
+OUTLIER_PATTERNS = {
+    "none": lambda n, k: ([], []),
+    "first_last_rows": lambda n, k: ([0] * k + [n - 1] * k, list(range(k)) * 2),
+    "first_last_cols": lambda n, k: (list(range(n)) * 2, [0] * n + [k - 1] * n),
+    "duplicates": lambda n, k: ([1, 1, 1, n - 1, n - 1], [5, 5, 5, k - 1, k - 1]),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(OUTLIER_PATTERNS))
+@pytest.mark.parametrize("m", [1, 8, 20, 130])
+def test_outlier_patterns(pattern, m, backend):
+    n, k = 45, 96
+    layer = make_layer(n, k, outliers=OUTLIER_PATTERNS[pattern](n, k), seed=3)
+    check(layer, m, torch.float16, "reverse", backend=backend)
+
+
+@pytest.mark.parametrize("m", [1, 20, 130])
+def test_dense_outliers_codebook_rows_and_bias(m, backend):
+    layer = make_layer(37, 96, outlier_density=0.2, codebook_rows=4, bias=torch.float32, seed=11)
+    check(layer, m, torch.float16, "random", backend=backend)
+    bias = torch.randn(37, dtype=torch.bfloat16)
+    x = random_x(m, 96, torch.bfloat16)
+    assert_matches_reference(emu_gemm(x, layer, bias=bias, backend=backend), x, layer, bias=bias,
+                             weight_round=weight_round(m, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [3, 40])
+def test_schedules_give_identical_bits(m, dtype):
+    """Each thread sums in a fixed order whatever the fiber order, so results are bit-identical."""
+    layer = make_layer(50, 128, outlier_density=0.05, seed=5)
+    x = random_x(m, 128, dtype)
+    outputs = [emu_gemm(x, layer, schedule=s) for s in SCHEDULES]
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+def test_identity_reproduces_weights(backend):
+    """x = I through the tensor-core GEMM (and GEMV slices) gives W.T exactly in fp16 (one product per sum)."""
+    layer = make_layer(40, 96, outlier_density=0.05, seed=9)
+    eye = torch.eye(96, dtype=torch.float16)
+    w_t = reference.dequantize(layer, torch.float64).T.half()
+    assert torch.equal(emu_gemm(eye, layer, backend=backend), w_t)
+    assert torch.equal(emu_gemm(eye[:8], layer, backend=backend), w_t[:8])
+
+
+@pytest.mark.parametrize("m", [1, 20, 130])
+def test_nan_stays_in_its_row(m, backend):
+    layer = make_layer(33, 64, outlier_density=0.02, seed=2)
+    x = random_x(m, 64, torch.float16)
+    x[m // 2, 17] = float("nan")
+    y = emu_gemm(x, layer, backend=backend)
+    nan_rows = torch.isnan(y).any(dim=1).nonzero().flatten().tolist()
+    assert nan_rows == [m // 2]
+
+
+@pytest.mark.parametrize("pattern", ["duplicates", "first_last_rows"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_matches_reference(dtype, pattern, backend):
+    layer = make_layer(37, 160, outliers=OUTLIER_PATTERNS[pattern](37, 160), codebook_rows=3, seed=4)
+    on_device = layer.to("cuda") if backend == "cuda" else layer
+    op = torch.ops.cmpq.dequantize if backend == "cuda" else torch.ops.cmpq_emu.dequantize
+    w = op(on_device.perm, *on_device.codes, *on_device.codebooks, on_device.row_ptr, on_device.col, on_device.val,
+           layer.codebook_rows, layer.format_version, dtype).cpu()
+    # codebook value + residual is exact in FP32 and rounded once to dtype
+    assert torch.equal(w, reference.dequantize(layer, torch.float64).to(dtype))
+
+
+def test_bad_inputs(backend):
+    layer = make_layer(8, 64, seed=1)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        emu_gemm(random_x(2, 64, torch.float32), layer, backend=backend)
+    with pytest.raises(ValueError, match="features but the layer has k=64"):
+        emu_gemm(random_x(2, 96, torch.float16), layer, backend=backend)
+    with pytest.raises(ValueError, match="format_version"):
+        torch.ops.cmpq_emu.gemm(random_x(1, 64, torch.float16), layer.perm, *layer.codes, *layer.codebooks,
+                                layer.row_ptr, layer.col, layer.val, None, 1, 2)
+    with pytest.raises(ValueError, match="order must be"):
+        torch.ops.cmpq_emu.set_schedule("sideways", 0)
+
+
+# ---- real GPU only: large shapes, CUDA graphs, torch.compile ------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU / CUDA build")
+
+
+@cuda_only
+@pytest.mark.parametrize("m", [1, 8, 16, 128, 300])
+def test_cuda_large_layer(m):
+    layer = make_layer(4096, 4096, outlier_density=0.005, seed=m)
+    check(layer, m, torch.float16, backend="cuda")
+
+
+@cuda_only
+def test_cuda_graph_capture_replays_the_op():
+    """No host sync inside the op: it captures into a CUDA graph and replays with new inputs."""
+    layer = make_layer(300, 512, outlier_density=0.01, seed=3).to("cuda")
+    x = random_x(4, 512, torch.float16).cuda()
+    args = (layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col, layer.val, None, 1, 1)
+    torch.ops.cmpq.gemm(x, *args)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.cmpq.gemm(x, *args)
+    x.copy_(random_x(4, 512, torch.float16, seed=9).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.ops.cmpq.gemm(x, *args))
+
+
+@cuda_only
+def test_cuda_torch_compile_matches_eager():
+    module = cmpq_kernels.CMPQLinear(make_layer(128, 256, outlier_density=0.01, seed=4)).cuda()
+    x = random_x(3, 256, torch.float16).cuda()
+    compiled = torch.compile(module, fullgraph=True)
+    assert torch.equal(compiled(x), module(x))
