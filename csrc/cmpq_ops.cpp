@@ -1,8 +1,8 @@
-// cmpq_ops.cpp — all cmpq:: op schemas, their input checks, and the CPU implementations.
-//
-// Schemas live here and only here (CUDA implementations register against them from their own
-// translation unit). Every check prints the offending values; cmpq_kernels/ops.py repeats the shape
-// and dtype rules in the fake (meta) implementations so torch.compile sees the same contract.
+// cmpq_ops.cpp — the cmpq:: op library (schemas; the layer-op schema strings are in torch_view.h, shared
+// with the emulated build) and its CPU implementations. CUDA implementations register against these
+// schemas from cuda/cmpq_cuda.cpp. Input checks (torch_view.h) print the offending values;
+// cmpq_kernels/ops.py repeats the shape and dtype rules in the fake (meta) implementations so
+// torch.compile sees the same contract.
 #include <Python.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,16 +118,8 @@ std::string cpu_isa() { return cpu::isa_name(cpu_isa_for_call()); }
 }  // namespace cmpq
 
 TORCH_LIBRARY(cmpq, m) {
-  // y[m, n] = x[m, k] @ W.T (+ bias), W decoded from the packed layer; output dtype = x dtype.
-  m.def(
-      "gemm(Tensor x, Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
-      "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, Tensor? bias, "
-      "int codebook_rows, int format_version) -> Tensor");
-  // W[n, k] in original channel order, as dtype.
-  m.def(
-      "dequantize(Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
-      "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, int codebook_rows, "
-      "int format_version, ScalarType dtype) -> Tensor");
+  m.def(cmpq::kGemmSchema);  // schemas shared with cmpq_emu: torch_view.h
+  m.def(cmpq::kDequantizeSchema);
   // uint8 codes [rows, groups * 32] from packed int32 words [rows, groups * bits] (layout tests).
   m.def("unpack_codes(Tensor words, int bits) -> Tensor");
   // Instruction set the CPU kernel uses in this process ("avx2" or "scalar").

@@ -48,14 +48,8 @@ void set_schedule(const std::string& order, int64_t seed) {
 }  // namespace
 
 TORCH_LIBRARY(cmpq_emu, m) {
-  m.def(
-      "gemm(Tensor x, Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
-      "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, Tensor? bias, "
-      "int codebook_rows, int format_version) -> Tensor");
-  m.def(
-      "dequantize(Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
-      "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, int codebook_rows, "
-      "int format_version, ScalarType dtype) -> Tensor");
+  m.def(cmpq::kGemmSchema);
+  m.def(cmpq::kDequantizeSchema);
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
 }
 

@@ -14,6 +14,18 @@
 
 namespace cmpq {
 
+// Schemas of the layer ops, shared by torch.ops.cmpq (cmpq_ops.cpp) and torch.ops.cmpq_emu (emu_ops.cpp).
+// y[m, n] = x[m, k] @ W.T (+ bias), W decoded from the packed layer; output dtype = x dtype.
+constexpr const char* kGemmSchema =
+    "gemm(Tensor x, Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
+    "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, Tensor? bias, "
+    "int codebook_rows, int format_version) -> Tensor";
+// W[n, k] in original channel order, as dtype.
+constexpr const char* kDequantizeSchema =
+    "dequantize(Tensor perm, Tensor codes4, Tensor codes3, Tensor codes2, Tensor codebook4, "
+    "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, int codebook_rows, "
+    "int format_version, ScalarType dtype) -> Tensor";
+
 inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cmpq: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == device, "cmpq: ", name, " is on ", t.device(), " but x is on ", device);
