@@ -34,14 +34,14 @@ cpu::Isa cpu_isa_for_call() {
 
 // Decodes blocks of rows to float and multiplies them with BLAS: exact up to summation order, and fast
 // once a decoded weight is reused by many activation rows.
-void gemm_decode_blas(const LayerView& view, const at::Tensor& x_packed, at::Tensor& y) {
+void gemm_decode_blas(const LayerView& view, const at::Tensor& x_packed, at::Tensor& y, cpu::Isa isa) {
   const int64_t block = std::min<int64_t>(kDecodeBlockRows, view.n);
   at::Tensor w = at::empty({block, view.k}, x_packed.options());
   for (int64_t r0 = 0; r0 < view.n; r0 += block) {
     const int64_t rows = std::min<int64_t>(block, view.n - r0);
     at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
       cpu::decode_rows(view, w.data_ptr<float>() + b * view.k, view.k, static_cast<int>(r0 + b),
-                       static_cast<int>(r0 + e));
+                       static_cast<int>(r0 + e), isa);
     });
     y.narrow(1, r0, rows).copy_(at::mm(x_packed, w.narrow(0, 0, rows).t()));
   }
@@ -60,10 +60,10 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tenso
   if (m > 0) {
     // Gathering x into packed column order once makes every kernel read activations contiguously.
     const at::Tensor x_packed = x.to(at::kFloat).index_select(1, perm.to(at::kLong)).contiguous();
+    const cpu::Isa isa = cpu_isa_for_call();
     if (m > kCpuDirectMaxM) {
-      gemm_decode_blas(view, x_packed, y);
+      gemm_decode_blas(view, x_packed, y, isa);
     } else {
-      const cpu::Isa isa = cpu_isa_for_call();
       const float* xp = x_packed.data_ptr<float>();
       float* yp = y.data_ptr<float>();
       at::parallel_for(0, view.n, 16, [&](int64_t b, int64_t e) {
@@ -84,9 +84,10 @@ at::Tensor dequantize_cpu(const at::Tensor& perm, const at::Tensor& codes4, cons
   const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
                                    codebook_rows, format_version, perm.device());
   at::Tensor w_packed = at::empty({view.n, view.k}, perm.options().dtype(at::kFloat));
+  const cpu::Isa isa = cpu_isa_for_call();
   at::parallel_for(0, view.n, 8, [&](int64_t b, int64_t e) {
     cpu::decode_rows(view, w_packed.data_ptr<float>() + b * view.k, view.k, static_cast<int>(b),
-                     static_cast<int>(e));
+                     static_cast<int>(e), isa);
   });
   at::Tensor w = at::empty_like(w_packed);
   w.index_copy_(1, perm.to(at::kLong), w_packed);

@@ -75,6 +75,25 @@ void row_scalar(const LayerView& layer, int row, const float* x, int64_t ldx, fl
   add_outliers(layer, row, x, ldx, TILE, acc);
 }
 
+// Dense part of one row (codebook values, no outliers) in packed column order.
+void decode_row_scalar(const LayerView& layer, int row, float* out) {
+  float table[1 << kMaxBits];
+  uint8_t codes[kGroupCodes];
+  for (int s = 0, begin = 0; s < kNumSegments; begin += layer.seg_k[s], ++s) {
+    if (layer.seg_k[s] == 0) continue;
+    load_table(layer, s, row, table);
+    const uint32_t* words = layer.row_codes(s, row);
+    for (int g = 0; g < layer.groups(s); ++g) {
+      switch (segment_bits(s)) {
+        case 4: unpack_group<4>(words + g * 4, codes); break;
+        case 3: unpack_group<3>(words + g * 3, codes); break;
+        default: unpack_group<2>(words + g * 2, codes); break;
+      }
+      for (int j = 0; j < kGroupCodes; ++j) out[begin + g * kGroupCodes + j] = table[codes[j]];
+    }
+  }
+}
+
 // ---- AVX2 path --------------------------------------------------------------------------------------
 
 #if CMPQ_HAVE_X86
@@ -154,6 +173,32 @@ CMPQ_AVX2 void segment_avx2(const uint32_t* words, int groups, const float* tabl
   }
 }
 
+template <int BITS>
+CMPQ_AVX2 void decode_segment_avx2(const uint32_t* words, int groups, const float* table, float* out) {
+  const __m256 table_lo = _mm256_loadu_ps(table);
+  const __m256 table_hi = BITS == 4 ? _mm256_loadu_ps(table + 8) : table_lo;
+  __m256i idx[4];
+  for (int g = 0; g < groups; ++g) {
+    decode_group_avx2<BITS>(words + g * BITS, idx);
+    for (int v = 0; v < 4; ++v)
+      _mm256_storeu_ps(out + g * kGroupCodes + 8 * v, lookup_avx2<BITS>(table_lo, table_hi, idx[v]));
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void decode_row_avx2(const LayerView& layer, int row, float* out) {
+  alignas(32) float table[1 << kMaxBits];
+  for (int s = 0, begin = 0; s < kNumSegments; begin += layer.seg_k[s], ++s) {
+    if (layer.seg_k[s] == 0) continue;
+    load_table(layer, s, row, table);
+    const uint32_t* words = layer.row_codes(s, row);
+    switch (segment_bits(s)) {
+      case 4: decode_segment_avx2<4>(words, layer.groups(s), table, out + begin); break;
+      case 3: decode_segment_avx2<3>(words, layer.groups(s), table, out + begin); break;
+      default: decode_segment_avx2<2>(words, layer.groups(s), table, out + begin); break;
+    }
+  }
+}
+
 template <int TILE>
 __attribute__((target("avx2,fma,f16c"))) void row_avx2(const LayerView& layer, int row, const float* x, int64_t ldx,
                                                        float* out) {
@@ -225,26 +270,15 @@ void gemm_rows(const LayerView& layer, const float* x_packed, int64_t ldx, int m
   }
 }
 
-void decode_rows(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end) {
-  float table[1 << kMaxBits];
-  uint8_t codes[kGroupCodes];
+void decode_rows(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end, Isa isa) {
   for (int row = row_begin; row < row_end; ++row) {
     float* out = w + static_cast<int64_t>(row - row_begin) * ldw;
-    for (int s = 0, begin = 0; s < kNumSegments; begin += layer.seg_k[s], ++s) {
-      if (layer.seg_k[s] == 0) continue;
-      load_table(layer, s, row, table);
-      const uint32_t* words = layer.row_codes(s, row);
-      const int bits = segment_bits(s);
-      for (int g = 0; g < layer.groups(s); ++g) {
-        switch (bits) {
-          case 4: unpack_group<4>(words + g * 4, codes); break;
-          case 3: unpack_group<3>(words + g * 3, codes); break;
-          default: unpack_group<2>(words + g * 2, codes); break;
-        }
-        float* dst = out + begin + g * kGroupCodes;
-        for (int j = 0; j < kGroupCodes; ++j) dst[j] = table[codes[j]];
-      }
-    }
+#if CMPQ_HAVE_X86
+    if (isa == Isa::kAvx2)
+      decode_row_avx2(layer, row, out);
+    else
+#endif
+      decode_row_scalar(layer, row, out);
     for (int32_t e = layer.row_ptr[row]; e < layer.row_ptr[row + 1]; ++e)
       out[layer.outlier_col(e)] += half_bits_to_float(layer.val[e]);
   }

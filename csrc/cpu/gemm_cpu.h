@@ -28,7 +28,7 @@ void gemm_rows(const LayerView& layer, const float* x_packed, int64_t ldx, int m
 
 // w[row - row_begin, j] = W_packed[row, j] (codebook value plus outlier residual) for rows in
 // [row_begin, row_end); w has row stride ldw >= layer.k.
-void decode_rows(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end);
+void decode_rows(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end, Isa isa);
 
 }  // namespace cpu
 }  // namespace cmpq
