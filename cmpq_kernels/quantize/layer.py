@@ -1,0 +1,163 @@
+"""Quantize one weight matrix to a :class:`~cmpq_kernels.format.CMPQLayer` (DESIGN §1.2-1.6).
+
+Pipeline: allocate widths -> permute into segments [4|3|2] -> activation outliers -> weighted k-means
+per row and segment -> error outliers -> refit -> optional GPTQ error feedback on the fitted codebooks
+-> pack, with outliers stored as fp16 residuals in packed column order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..format import SEGMENT_BITS, CMPQLayer
+from .allocate import allocate, check_bits, check_k, permutation
+from .codebook import DEFAULT_KMEANS_ITERS, fit_rows
+from .gptq import quantize_with_feedback
+from .outliers import activation_outliers, check_fraction, error_outliers
+
+DEFAULT_P_ACT = 0.0005
+DEFAULT_P_ERR = 0.004
+FEEDBACK_ORDERS = ("act", "packed")
+
+
+def _check_inputs(weight: torch.Tensor, s2: torch.Tensor, hessian: Optional[torch.Tensor],
+                  codebook_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    w = weight.detach().float().cpu()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight contains NaN or Inf")
+    n, k = w.shape
+    check_k(k)
+    s2 = torch.as_tensor(s2).detach().float().cpu().reshape(-1)
+    if s2.numel() != k:
+        raise ValueError(f"s2 must have one entry per input channel ({k}), got {s2.numel()}")
+    if not bool(torch.isfinite(s2).all()) or bool((s2 < 0).any()):
+        raise ValueError("s2 (mean squared activation per channel) must be finite and non-negative")
+    if hessian is not None and (tuple(hessian.shape) != (k, k) or not bool(torch.isfinite(hessian).all())):
+        raise ValueError(f"hessian must be a finite [{k}, {k}] matrix, got shape {tuple(hessian.shape)}")
+    if codebook_rows < 1:
+        raise ValueError(f"codebook_rows must be >= 1, got {codebook_rows}")
+    return w, s2
+
+
+def _fit_segments(wp: torch.Tensor, s2p: torch.Tensor, keep: torch.Tensor, seg_k: tuple[int, int, int],
+                  codebook_rows: int, iters: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Codebooks per segment ``[G, 2**b]``, codes ``[N, K]`` and dequantized ``[N, K]`` (packed order)."""
+    n = wp.shape[0]
+    weights = torch.where(keep, 0.0, s2p.expand_as(wp))  # outliers do not pull the codebooks
+    codebooks, codes, deq = [], [], []
+    for part, wpart, bits in zip(wp.split(seg_k, 1), weights.split(seg_k, 1), SEGMENT_BITS):
+        if part.shape[1] == 0:
+            codebooks.append(torch.zeros(-(-n // codebook_rows), 1 << bits))
+            codes.append(torch.zeros(n, 0, dtype=torch.int64))
+            deq.append(part)
+            continue
+        cb, c = fit_rows(part, wpart, bits, codebook_rows, iters)
+        codebooks.append(cb)
+        codes.append(c)
+        deq.append(torch.gather(_row_grids(cb, n, codebook_rows), 1, c))
+    return codebooks, torch.cat(codes, 1), torch.cat(deq, 1)
+
+
+def _row_grids(codebook: torch.Tensor, n: int, codebook_rows: int) -> torch.Tensor:
+    """Expand ``[G, L]`` codebooks to one (shared) grid per output row ``[N, L]``."""
+    return codebook[torch.arange(n) // codebook_rows]
+
+
+def _feedback(wp: torch.Tensor, hessian_p: torch.Tensor, codebooks: list[torch.Tensor], seg_k: tuple[int, int, int],
+              keep: torch.Tensor, codebook_rows: int, order: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Error feedback on the fitted codebooks: codes, dequantized and target weights ``[N, K]`` (packed order).
+
+    ``order="act"`` processes columns by descending Hessian diagonal (GPTQ's act-order: the most salient
+    columns are fixed first and the rest absorb their error); ``"packed"`` uses the packed order. Each
+    column keeps its own segment's codebook either way, so the layout is unchanged.
+    """
+    n = wp.shape[0]
+    grids = [_row_grids(cb, n, codebook_rows) for cb in codebooks]
+    grid_of_column = torch.repeat_interleave(torch.arange(3), torch.tensor(seg_k))
+    if order == "act":
+        cols = torch.argsort(torch.diagonal(hessian_p), descending=True, stable=True)
+    else:
+        cols = torch.arange(wp.shape[1])
+    codes, target = quantize_with_feedback(wp[:, cols], hessian_p[cols][:, cols], grids, grid_of_column[cols],
+                                           keep[:, cols])
+    back = torch.argsort(cols)
+    codes, target = codes[:, back], target[:, back]
+    deq = torch.cat([torch.gather(g, 1, c) for g, c in zip(grids, codes.split(seg_k, 1))], 1)
+    return codes, deq, target
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    s2: torch.Tensor,
+    bits: float,
+    *,
+    allocator: str = "cmpq",
+    p_act: float = DEFAULT_P_ACT,
+    p_err: float = DEFAULT_P_ERR,
+    error_feedback: Optional[bool] = None,
+    hessian: Optional[torch.Tensor] = None,
+    feedback_order: str = "act",
+    kmeans_iters: int = DEFAULT_KMEANS_ITERS,
+    codebook_rows: int = 1,
+    widths: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> CMPQLayer:
+    """Quantize ``weight`` ``[N, K]`` (``y = x @ W.T``) into a validated :class:`CMPQLayer`.
+
+    Args:
+        weight: float ``[out_features, in_features]``, finite; ``in_features % 32 == 0``.
+        s2: ``[K]`` mean squared activation per input channel (salience, k-means weights).
+        bits: average code bits per weight, any value in [2, 4].
+        allocator: ``"cmpq"`` (salience-ranked, two adjacent widths) or ``"greedy"`` (see :mod:`.allocate`).
+        p_act: fraction of weights kept exactly as activation-based outliers (top ``|W| sqrt(s2)``).
+        p_err: fraction of weights kept exactly as error-based outliers (top ``|W - Q(W)| sqrt(s2)``).
+        error_feedback: GPTQ-style error feedback on the fitted codebooks; needs ``hessian``. ``None``
+            (default) means "on exactly when ``hessian`` is given".
+        hessian: ``[K, K]`` ``X^T X / n`` of the layer input, original channel order.
+        feedback_order: column order of the error feedback: ``"act"`` (descending Hessian diagonal; lower
+            output error on every synthetic case measured) or ``"packed"`` (segment order [4|3|2]).
+        kmeans_iters: Lloyd iteration cap per codebook fit.
+        codebook_rows: consecutive output rows sharing one codebook (format field).
+        widths: optional precomputed int ``[K]`` widths in {2, 3, 4} (e.g. from a model-wide
+            allocation); overrides ``allocator`` and ``bits`` for the allocation (``bits`` is still stored).
+        bias: optional ``[N]`` stored with the layer.
+
+    Returns:
+        The packed layer; ``layer.effective_bits`` is the honest storage cost per weight.
+    """
+    bits = check_bits(bits)
+    p_act, p_err = check_fraction("p_act", p_act), check_fraction("p_err", p_err)
+    w, s2 = _check_inputs(weight, s2, hessian, codebook_rows)
+    if error_feedback is None:
+        error_feedback = hessian is not None
+    if error_feedback and hessian is None:
+        raise ValueError("error_feedback=True needs hessian ([K, K] X^T X / n of the layer input)")
+    if feedback_order not in FEEDBACK_ORDERS:
+        raise ValueError(f"feedback_order must be one of {FEEDBACK_ORDERS}, got {feedback_order!r}")
+    if widths is None:
+        widths = allocate(s2, w, bits, allocator)
+    perm, seg_k = permutation(torch.as_tensor(widths).long().reshape(-1))
+    wp, s2p = w[:, perm], s2[perm]
+
+    keep = activation_outliers(wp, s2p, p_act)
+    codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, codebook_rows, kmeans_iters)
+    err_mask = error_outliers(wp, deq, s2p, p_err, keep)
+    if bool(err_mask.any()):
+        keep |= err_mask
+        codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, codebook_rows, kmeans_iters)
+    target = wp
+    if error_feedback:
+        hessian_p = hessian.detach().double().cpu()[perm][:, perm]
+        codes, deq, target = _feedback(wp, hessian_p, codebooks, seg_k, keep, codebook_rows, feedback_order)
+
+    rows, cols = torch.nonzero(keep, as_tuple=True)
+    residual = (target - deq)[rows, cols].half()
+    return CMPQLayer.from_codes(
+        bits=bits, perm=perm.numpy(),
+        codes=tuple(c.to(torch.uint8).numpy() for c in codes.split(seg_k, 1)),
+        codebooks=tuple(cb.half() for cb in codebooks),
+        outlier_rows=rows.numpy(), outlier_cols=cols.numpy(), outlier_vals=residual,
+        bias=None if bias is None else bias.detach().cpu().contiguous(), codebook_rows=codebook_rows)

@@ -1,0 +1,225 @@
+"""Quantize every decoder-block linear of a Hugging Face causal LM with CMPQ, block by block (GPTQ-style).
+
+For each block: record activation statistics of its linears over the calibration batch (inputs come
+from the already-quantized previous blocks), quantize each linear and replace it in place with a
+:class:`~cmpq_kernels.nn.CMPQLinear`, then run the quantized block to make the next block's inputs.
+Memory stays O(one block) plus the calibration hidden states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..format import GROUP_CODES
+from ..nn import CMPQLinear
+from .allocate import channel_scores, check_bits, group_upgrade_gains, select_upgrades, widths_from_upgrades
+from .calibrate import (Calibration, LayerStats, StatsAccumulator, block_stats, calibrate, calibration_ids,
+                        capture_block_inputs, find_blocks, linear_layers, run_block)
+from .codebook import DEFAULT_KMEANS_ITERS
+from .layer import DEFAULT_P_ACT, DEFAULT_P_ERR, quantize_weight
+from .progress import progress as progress_iter
+
+#: ``(name, linear, stats, widths or None) -> (replacement module, report fields)``; the fields must
+#: include ``code_bits``, ``effective_bits`` and ``nnz``. Lets baselines share the calibration pipeline.
+LayerQuantizer = Callable[[str, nn.Linear, LayerStats, Optional[torch.Tensor]], tuple[nn.Module, dict]]
+
+
+@dataclasses.dataclass
+class QuantReport:
+    """What :func:`quantize_model` did: one entry per layer, model-wide averages, seconds per stage."""
+
+    bits: float
+    layers: list[dict]
+    stage_seconds: dict[str, float]
+    settings: dict
+
+    @property
+    def weights(self) -> int:
+        """Quantized weights in total."""
+        return sum(l["shape"][0] * l["shape"][1] for l in self.layers)
+
+    def average(self, field: str) -> float:
+        """Weight-count weighted average of a per-layer field (``effective_bits``, ``code_bits``)."""
+        return sum(l[field] * l["shape"][0] * l["shape"][1] for l in self.layers) / max(self.weights, 1)
+
+    @property
+    def effective_bits(self) -> float:
+        """Model-wide stored bits per quantized weight (codes, codebooks, outliers, perm)."""
+        return self.average("effective_bits")
+
+    @property
+    def code_bits(self) -> float:
+        """Model-wide average code width."""
+        return self.average("code_bits")
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary."""
+        return {"bits": self.bits, "effective_bits": self.effective_bits, "code_bits": self.code_bits,
+                "weights": self.weights, "stage_seconds": self.stage_seconds, "settings": self.settings,
+                "layers": self.layers}
+
+    def to_markdown(self) -> str:
+        """A per-layer table plus the model-wide line."""
+        lines = ["| layer | shape | bits | code bits | effective bits | outliers | s |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {l['name']} | {l['shape'][0]}x{l['shape'][1]} | {l['bits']:g} | {l['code_bits']:.3f} | "
+                  f"{l['effective_bits']:.3f} | {l['nnz']} | {l['seconds']:.2f} |" for l in self.layers]
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+        lines.append(f"\nmodel: {self.weights} weights, code bits {self.code_bits:.3f}, "
+                     f"effective bits {self.effective_bits:.3f}; {stages}")
+        return "\n".join(lines)
+
+
+def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float) -> dict[str, torch.Tensor]:
+    """Greedy widths for all layers at once so the model-wide average code width meets ``bits``.
+
+    Upgrade candidates of every layer compete on estimated output error saved
+    (``s2 * ||W[:, k]||^2 * 4^-b``, comparable across layers) per stored bit.
+    """
+    bits = check_bits(bits)
+    orders, gains, costs = {}, [], []
+    for name, lin in linears.items():
+        w = lin.weight.detach().float().cpu()
+        orders[name], g = group_upgrade_gains(channel_scores(stats[name].s2, w))
+        gains.append(g)
+        costs.append(float(GROUP_CODES * w.shape[0]))
+    budget = (bits - 2.0) * sum(lin.weight.numel() for lin in linears.values())
+    upgrades = select_upgrades(gains, costs, budget)
+    return {name: widths_from_upgrades(orders[name], u) for name, u in zip(linears, upgrades)}
+
+
+def cmpq_layer_quantizer(bits: float, *, allocator: str = "cmpq", error_feedback: bool = True,
+                         p_act: float = DEFAULT_P_ACT, p_err: float = DEFAULT_P_ERR,
+                         kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 1,
+                         feedback_order: str = "act") -> LayerQuantizer:
+    """The default :data:`LayerQuantizer`: :func:`quantize_weight` -> :class:`CMPQLinear`."""
+
+    def quantize(name: str, linear: nn.Linear, stats: LayerStats,
+                 widths: Optional[torch.Tensor]) -> tuple[nn.Module, dict]:
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        layer = quantize_weight(linear.weight, stats.s2, bits, allocator=allocator, p_act=p_act, p_err=p_err,
+                                error_feedback=error_feedback, hessian=stats.hessian if error_feedback else None,
+                                feedback_order=feedback_order,
+                                kmeans_iters=kmeans_iters, codebook_rows=codebook_rows, widths=widths, bias=bias)
+        module = CMPQLinear(layer).to(linear.weight.device)
+        return module, {"code_bits": layer.code_bits, "effective_bits": layer.effective_bits, "nnz": layer.nnz}
+
+    return quantize
+
+
+def _replace(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _check_linears(linears: dict[str, nn.Linear]) -> None:
+    for name, lin in linears.items():
+        if lin.in_features % GROUP_CODES:
+            raise ValueError(f"{name}: in_features {lin.in_features} is not a multiple of {GROUP_CODES}; "
+                             f"CMPQ cannot pack it (pad the layer or leave it unquantized)")
+
+
+def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float,
+                      quantizer: LayerQuantizer, widths: dict[str, torch.Tensor], records: list[dict]) -> None:
+    for name, lin in linears.items():
+        start = time.perf_counter()
+        module, info = quantizer(name, lin, stats[name], widths.get(name))
+        _replace(root, name, module)
+        records.append({"name": name, "shape": [lin.out_features, lin.in_features], "bits": bits, **info,
+                        "seconds": time.perf_counter() - start})
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5, *, tokenizer: Any = None,
+                   n_samples: int = 128, seq_len: int = 512, seed: int = 0, allocator: str = "cmpq",
+                   error_feedback: bool = True, budget: str = "layer", p_act: float = DEFAULT_P_ACT,
+                   p_err: float = DEFAULT_P_ERR, kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 1,
+                   feedback_order: str = "act", quantize_lm_head: bool = False, batch_size: int = 8,
+                   progress: bool = True, layer_quantizer: Optional[LayerQuantizer] = None) -> QuantReport:
+    """Quantize every ``nn.Linear`` in the decoder blocks of ``model`` in place; return a :class:`QuantReport`.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Qwen2, Mistral, Gemma3, ...) in eval mode.
+        calibration: list of strings, a text-file path, or an iterable of ``input_ids`` (see
+            :func:`~.calibrate.calibration_ids`).
+        bits: average code bits per weight in [2, 4]; ``effective_bits`` in the report adds the overheads.
+        tokenizer: needed when ``calibration`` is text.
+        n_samples, seq_len, seed: calibration windows (count, length, which ones).
+        allocator: ``"cmpq"`` or ``"greedy"`` (per layer); ``budget="global"`` needs ``"greedy"``.
+        error_feedback: GPTQ-style error feedback on the fitted codebooks (records ``X^T X`` per layer).
+        budget: ``"layer"`` (every layer meets ``bits``) or ``"global"`` (the model-wide average does;
+            allocated from the FP model's statistics in one extra pass).
+        p_act, p_err, kmeans_iters, codebook_rows, feedback_order: see :func:`~.layer.quantize_weight`.
+        quantize_lm_head: also quantize the output projection (off by default; unties tied embeddings).
+        batch_size: calibration sequences per forward pass.
+        progress: show progress bars.
+        layer_quantizer: replaces the CMPQ layer quantizer (baselines sharing this pipeline).
+    """
+    bits = check_bits(bits)
+    if budget not in ("layer", "global"):
+        raise ValueError(f"budget must be 'layer' or 'global', got {budget!r}")
+    if budget == "global" and allocator != "greedy":
+        raise ValueError("budget='global' needs allocator='greedy' (salience s2 is not comparable across layers)")
+    quantizer = layer_quantizer or cmpq_layer_quantizer(bits, allocator=allocator, error_feedback=error_feedback,
+                                                        p_act=p_act, p_err=p_err, kmeans_iters=kmeans_iters,
+                                                        codebook_rows=codebook_rows, feedback_order=feedback_order)
+    times = {"capture": 0.0, "allocate": 0.0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
+    start = time.perf_counter()
+    ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
+    path, blocks = find_blocks(model)
+    _check_linears(linear_layers(blocks, f"{path}."))
+    widths: dict[str, torch.Tensor] = {}
+    if budget == "global":
+        fp_stats = calibrate(model, [ids], n_samples=n_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+                             show_progress=progress)
+        widths = global_widths(linear_layers(blocks, f"{path}."), fp_stats, bits)
+        times["allocate"] = time.perf_counter() - start
+    t = time.perf_counter()
+    inputs = capture_block_inputs(model, blocks, ids, batch_size)
+    times["capture"] = time.perf_counter() - t
+    records: list[dict] = []
+    for i, block in enumerate(progress_iter(blocks, "quantize blocks", total=len(blocks), enabled=progress)):
+        t = time.perf_counter()
+        stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=error_feedback)
+        times["statistics"] += time.perf_counter() - t
+        t = time.perf_counter()
+        _quantize_linears(model, linear_layers(block, f"{path}.{i}."), stats, bits, quantizer, widths, records)
+        times["quantize"] += time.perf_counter() - t
+        t = time.perf_counter()
+        inputs.states = run_block(block, inputs, i)
+        times["propagate"] += time.perf_counter() - t
+    del inputs
+    if quantize_lm_head:
+        t = time.perf_counter()
+        _quantize_lm_head(model, ids, bits, quantizer, error_feedback, batch_size, records)
+        times["lm_head"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - start
+    settings = {"allocator": allocator, "error_feedback": error_feedback, "budget": budget, "p_act": p_act,
+                "p_err": p_err, "kmeans_iters": kmeans_iters, "codebook_rows": codebook_rows,
+                "feedback_order": feedback_order,
+                "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": seed},
+                "quantize_lm_head": quantize_lm_head, "custom_layer_quantizer": layer_quantizer is not None}
+    return QuantReport(bits, records, times, settings)
+
+
+def _quantize_lm_head(model: nn.Module, ids: torch.Tensor, bits: float, quantizer: LayerQuantizer,
+                      hessian: bool, batch_size: int, records: list[dict]) -> None:
+    """Quantize the output projection from its inputs under the already-quantized blocks (a full forward)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"quantize_lm_head: output projection is {type(head).__name__}, not nn.Linear")
+    name = next(n for n, m in model.named_modules() if m is head)
+    _check_linears({name: head})
+    acc = StatsAccumulator(head.in_features, hessian)
+    handle = head.register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
+    device = head.weight.device
+    try:
+        for s in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[s:s + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    _quantize_linears(model, {name: head}, {name: acc.finish()}, bits, quantizer, {}, records)
