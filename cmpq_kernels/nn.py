@@ -61,8 +61,9 @@ class CMPQLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, bits: float = 3.0, outlier_fraction: float = 0.005) -> "CMPQLinear":
         """Quantize an ``nn.Linear`` with the calibration-free *stand-in* quantizer.
 
-        Temporary until the CMPQ quantizer (activation-salience allocation, weighted k-means) lands: see
-        :mod:`cmpq_kernels.standin` for what it does. The result keeps the linear's bias (as given dtype)
+        No activations are seen, so this is for quick experiments and tests; for real models use
+        :func:`cmpq_kernels.quantize.quantize_model` (or :func:`~cmpq_kernels.quantize.quantize_weight`
+        with calibration statistics). See :mod:`cmpq_kernels.standin` for what it does. The result keeps the linear's bias (as given dtype)
         and is placed on the linear's device.
         """
         from .standin import quantize_standin
