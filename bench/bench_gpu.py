@@ -270,7 +270,7 @@ def make_random_layer(n: int, k: int, bits: float, outlier_fraction: float = OUT
     for width, b in zip(seg_k, SEGMENT_BITS):
         words = rng.integers(0, 1 << 32, size=(n, width // GROUP_CODES * b), dtype=np.uint32)
         codes.append(torch.from_numpy(words.view(np.int32)))
-        cb = np.sort(rng.standard_normal((n, 1 << b), dtype=np.float32), axis=1) * 0.02
+        cb = np.sort(rng.standard_normal((n, (1 << b) if width else 0), dtype=np.float32), axis=1) * 0.02
         codebooks.append(torch.from_numpy(cb.astype(np.float16)))
     nnz = int(round(outlier_fraction * n * k))
     flat = np.sort(rng.choice(n * k, size=nnz, replace=False)) if nnz else np.zeros(0, dtype=np.int64)

@@ -11,7 +11,8 @@ Layout (mirrors ``csrc/cmpq_layout.h`` bit for bit; see the diagram there):
   required (all common LLM layer widths are; pad the layer otherwise);
 * ``codes[s]``: int32 ``[N, seg_k[s] // 32 * bits]`` (the bits are uint32 words; torch has no general
   uint32 arithmetic, so they are held as int32 and viewed back as uint32 where needed);
-* ``codebooks[s]``: fp16 ``[ceil(N / codebook_rows), 2**bits]``;
+* ``codebooks[s]``: fp16 ``[ceil(N / codebook_rows), 2**bits]``, or ``[ceil(N / codebook_rows), 0]`` for an
+  empty segment (nothing is stored for a width no channel uses);
 * outliers: CSR over packed columns holding the residual ``W - Q(W)``: ``row_ptr`` int32 ``[N + 1]``,
   ``col`` int16 (``K <= 32767``) or int32, sorted within each row (repeats legal: they add), ``val`` fp16;
 * optional ``bias`` fp16/bf16/fp32 ``[N]``.
@@ -104,7 +105,7 @@ class CMPQLayer:
         seg_k: channels per segment in memory order (4-bit, 3-bit, 2-bit); multiples of 32 summing to k.
         perm: int32 ``[k]``, original input channel of each packed column.
         codes: per segment, int32 ``[n, seg_k[s] // 32 * bits]`` packed words.
-        codebooks: per segment, fp16 ``[ceil(n / codebook_rows), 2**bits]``.
+        codebooks: per segment, fp16 ``[ceil(n / codebook_rows), 2**bits]`` (0 columns if the segment is empty).
         row_ptr, col, val: CSR outlier residuals over packed columns (int32, int16|int32, fp16).
         bias: optional ``[n]`` fp16/bf16/fp32.
         codebook_rows: output rows sharing one codebook row.
@@ -144,7 +145,8 @@ class CMPQLayer:
         """Pack unpacked codes (uint8 ``[n, seg_k[s]]`` per segment, memory order 4/3/2-bit) into a layer.
 
         Outliers are given as COO triplets over *packed* columns (residuals ``W - Q(W)``); they are sorted
-        into CSR here. The result is validated.
+        into CSR here. Codebooks of empty segments are dropped (stored with 0 columns). The result is
+        validated.
         """
         if len(codes) != 3 or len(codebooks) != 3:
             raise ValueError("codes and codebooks need one entry per segment (4-bit, 3-bit, 2-bit)")
@@ -172,7 +174,8 @@ class CMPQLayer:
             seg_k=seg_k,  # type: ignore[arg-type]
             perm=torch.as_tensor(np.asarray(perm), dtype=torch.int32),
             codes=packed,  # type: ignore[arg-type]
-            codebooks=tuple(torch.as_tensor(cb).to(torch.float16).contiguous() for cb in codebooks),  # type: ignore[arg-type]
+            codebooks=tuple(torch.as_tensor(cb).to(torch.float16)[:, :(1 << b) if s else 0].contiguous()  # type: ignore[arg-type]
+                            for cb, b, s in zip(codebooks, SEGMENT_BITS, seg_k)),
             row_ptr=torch.from_numpy(np.cumsum(row_ptr, dtype=np.int32)),
             col=torch.from_numpy(cols[order].astype(col_dtype)),
             val=vals[torch.from_numpy(order)].contiguous(),
@@ -208,7 +211,8 @@ class CMPQLayer:
             self._check_tensor(f"codes[{s}] ({bits}-bit)", self.codes[s], torch.int32,
                                (self.n, self.seg_k[s] // GROUP_CODES * bits), device)
             cb = self.codebooks[s]
-            self._check_tensor(f"codebooks[{s}] ({bits}-bit)", cb, torch.float16, (codebook_count, 1 << bits), device)
+            width = (1 << bits) if self.seg_k[s] else 0  # an empty segment stores no codebook
+            self._check_tensor(f"codebooks[{s}] ({bits}-bit)", cb, torch.float16, (codebook_count, width), device)
             if not bool(torch.isfinite(cb).all()):
                 raise ValueError(f"codebooks[{s}] ({bits}-bit): contains NaN or Inf")
         self._check_tensor("row_ptr", self.row_ptr, torch.int32, (self.n + 1,), device)

@@ -14,7 +14,8 @@
 //
 //   codes_b    uint32 [N, (seg_k_b / 32) * b]   row-major; a row's groups of 32 codes follow each other,
 //                                               each group is exactly b words, so no bit is wasted.
-//   codebook_b fp16   [ceil(N / codebook_rows), 2^b]   row n uses codebook row n / codebook_rows.
+//   codebook_b fp16   [ceil(N / codebook_rows), 2^b]   row n uses codebook row n / codebook_rows;
+//                                               0 columns when the segment is empty (never read then).
 //   outliers   CSR over packed columns: row_ptr int32 [N+1], col int16|int32 [nnz], val fp16 [nnz]
 //              holding the residual W - Q(W), so the dense path stays uniform. Columns are sorted
 //              within a row; repeated columns are legal, adjacent, and add up.

@@ -68,9 +68,10 @@ inline LayerView make_view(const at::Tensor& perm, const at::Tensor& codes4, con
     check_tensor(cb, bits == 4 ? "codebook4" : bits == 3 ? "codebook3" : "codebook2", at::kHalf, device);
     TORCH_CHECK_VALUE(c.dim() == 2 && c.size(0) == view.n && c.size(1) % bits == 0, "cmpq: ", bits,
                       "-bit codes must be [n=", view.n, ", groups*", bits, "], got ", c.sizes());
-    TORCH_CHECK_VALUE(cb.dim() == 2 && cb.size(0) == codebook_count && cb.size(1) == (1 << bits), "cmpq: ", bits,
-                      "-bit codebook must be [", codebook_count, ", ", (1 << bits), "], got ", cb.sizes());
     view.seg_k[s] = static_cast<int>(c.size(1) / bits * kGroupCodes);
+    const int64_t width = view.seg_k[s] > 0 ? (1 << bits) : 0;  // an empty segment stores no codebook
+    TORCH_CHECK_VALUE(cb.dim() == 2 && cb.size(0) == codebook_count && cb.size(1) == width, "cmpq: ", bits,
+                      "-bit codebook must be [", codebook_count, ", ", width, "], got ", cb.sizes());
     view.codes[s] = reinterpret_cast<const uint32_t*>(c.data_ptr<int32_t>());
     view.codebook[s] = reinterpret_cast<const uint16_t*>(cb.data_ptr<at::Half>());
     k_total += view.seg_k[s];

@@ -21,7 +21,7 @@ def test_effective_bits_is_the_hand_counted_storage(n, k, seg_k, codebook_rows, 
     codebook_count = -(-n // codebook_rows)
     expected = (
         n * (4 * seg_k[0] + 3 * seg_k[1] + 2 * seg_k[2])  # codes: exactly b bits per weight
-        + codebook_count * (16 + 8 + 4) * 16               # fp16 codebooks of 16, 8 and 4 entries
+        + codebook_count * 16 * sum(2**b for b, s in zip((4, 3, 2), seg_k) if s)  # fp16 codebooks, non-empty segments
         + (n + 1) * 32                                     # int32 row_ptr
         + nnz * (16 + 16)                                  # int16 col (k <= 32767) + fp16 val
         + k * 32                                           # int32 perm; the bias is not counted

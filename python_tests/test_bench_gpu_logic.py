@@ -64,7 +64,7 @@ def test_bytes_formula_by_hand():
     layer = bg.make_random_layer(n, k, bits)
     nnz = round(0.005 * n * k)
     expected = (n * (k // 32 * 3) * 4          # 3-bit code words, int32
-                + n * (16 + 8 + 4) * 2         # one fp16 codebook row per output row and segment
+                + n * 8 * 2                    # one fp16 codebook row per output row (3-bit, the only segment)
                 + (n + 1) * 4 + nnz * 2 + nnz * 2  # CSR: row_ptr int32, col int16 (k <= 32767), val fp16
                 + k * 4)                       # perm int32
     assert layer.nnz == nnz

@@ -1,12 +1,16 @@
 """The packed bit layout: NumPy pack/unpack, the diagram in csrc/cmpq_layout.h, and C++ == NumPy."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from cmpq_kernels import format as fmt
 from cmpq_kernels import ops
+
+from conftest import make_layer
 
 BITS = (2, 3, 4)
 SHAPES = [(1, 32), (7, 32), (1, 96), (7, 96), (33, 4064), (3, 0)]  # (rows, channels); 0 = empty segment
@@ -199,3 +203,12 @@ def test_from_codes_rejects_bad_outliers(rows, cols, vals, match):
     with pytest.raises(ValueError, match=match):
         fmt.CMPQLayer.from_codes(bits=3.0, perm=np.arange(96), codes=codes, codebooks=codebooks,
                                  outlier_rows=np.array(rows), outlier_cols=np.array(cols), outlier_vals=vals)
+
+
+def test_empty_segments_store_no_codebook():
+    """A width no channel uses costs nothing: from_codes drops its codebook, validate insists on 0 columns."""
+    layer = make_layer(10, 64, (0, 64, 0), seed=1)
+    assert [tuple(cb.shape) for cb in layer.codebooks] == [(10, 0), (10, 8), (10, 0)]
+    full = dataclasses.replace(layer, codebooks=(torch.zeros(10, 16, dtype=torch.float16), *layer.codebooks[1:]))
+    with pytest.raises(ValueError, match=r"codebooks\[0\] \(4-bit\): shape must be \(10, 0\)"):
+        full.validate()

@@ -69,14 +69,17 @@ __global__ void __launch_bounds__(WARPS * kWarpSize)
   float* warp_tables = tables + warp * ROWS_PER_WARP * kTableStride;
 
   // Expand this warp's codebooks: lanes 0-15 the 4-bit entries, 16-23 3-bit, 24-27 2-bit.
+  const int segment = lane < kTable3 ? 0 : (lane < kTable2 ? 1 : 2);
+  const bool loads_entry = lane < kTable2 + 4 &&  // an empty segment stores no codebook
+                           (segment == 0 ? layer.seg_k[0] : (segment == 1 ? layer.seg_k[1] : layer.seg_k[2])) > 0;
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     const int row = row0 + r;
-    if (row >= layer.n || lane >= kTable2 + 4) continue;
+    if (row >= layer.n || !loads_entry) continue;
     // Constant segment indices only: a runtime index into the LayerView parameter would copy it to local memory.
-    const uint16_t* codebook = lane < kTable3 ? layer.row_codebook(0, row) + (lane - kTable4)
-                               : lane < kTable2 ? layer.row_codebook(1, row) + (lane - kTable3)
-                                                : layer.row_codebook(2, row) + (lane - kTable2);
+    const uint16_t* codebook = segment == 0 ? layer.row_codebook(0, row) + (lane - kTable4)
+                               : segment == 1 ? layer.row_codebook(1, row) + (lane - kTable3)
+                                              : layer.row_codebook(2, row) + (lane - kTable2);
     warp_tables[r * kTableStride + lane] = half_bits_to_float(*codebook);
   }
 
