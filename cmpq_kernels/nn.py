@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .format import FORMAT_VERSION, CMPQLayer
+from .format import FORMAT_VERSION, GROUP_CODES, SEGMENT_BITS, CMPQLayer
 
 _FIELDS = ("perm", "codes4", "codes3", "codes2", "codebook4", "codebook3", "codebook2", "row_ptr", "col", "val")
 
@@ -40,12 +40,12 @@ class CMPQLinear(nn.Module):
     @property
     def layer(self) -> CMPQLayer:
         """The packed layer as a :class:`CMPQLayer` view of this module's buffers (no copy)."""
-        bits_of = lambda s: (4, 3, 2)[s]  # noqa: E731
         return CMPQLayer(
             n=self.out_features,
             k=self.in_features,
             bits=self.bits,
-            seg_k=tuple(c.shape[1] // bits_of(s) * 32 for s, c in enumerate((self.codes4, self.codes3, self.codes2))),
+            seg_k=tuple(c.shape[1] // bits * GROUP_CODES
+                        for c, bits in zip((self.codes4, self.codes3, self.codes2), SEGMENT_BITS)),
             perm=self.perm,
             codes=(self.codes4, self.codes3, self.codes2),
             codebooks=tuple(cb.view(torch.float16) for cb in (self.codebook4, self.codebook3, self.codebook2)),
@@ -63,8 +63,8 @@ class CMPQLinear(nn.Module):
 
         No activations are seen, so this is for quick experiments and tests; for real models use
         :func:`cmpq_kernels.quantize.quantize_model` (or :func:`~cmpq_kernels.quantize.quantize_weight`
-        with calibration statistics). See :mod:`cmpq_kernels.standin` for what it does. The result keeps the linear's bias (as given dtype)
-        and is placed on the linear's device.
+        with calibration statistics). See :mod:`cmpq_kernels.standin` for what it does. The result keeps
+        the linear's bias (in its dtype) and is placed on the linear's device.
         """
         from .standin import quantize_standin
 

@@ -1,9 +1,9 @@
 """A calibration-free stand-in quantizer: weight -> :class:`CMPQLayer`.
 
-Temporary: it exists so the module, kernels and benchmarks have real packed layers to run before the
-CMPQ quantizer (calibration, salience allocation, weighted k-means, two outlier kinds) lands. It ranks
-channels by weight-column energy instead of activation salience, fits equal-frequency (quantile)
-codebooks instead of k-means, and keeps the largest residuals as outliers.
+Quick packed layers without calibration data (``CMPQLinear.from_linear``, kernel tests, benchmarks); real
+models go through :mod:`cmpq_kernels.quantize`. It uses the ``cmpq`` allocator with weight-column energy in
+place of activation salience, fits equal-frequency (quantile) codebooks instead of weighted k-means, and
+keeps the largest residuals as outliers.
 """
 from __future__ import annotations
 
@@ -12,22 +12,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .format import GROUP_CODES, MAX_BITS, MIN_BITS, SEGMENT_BITS, CMPQLayer
+from .format import SEGMENT_BITS, CMPQLayer
+from .quantize.allocate import allocate_cmpq, permutation, segment_sizes
 
-
-def segment_sizes(k: int, bits: float) -> tuple[int, int, int]:
-    """Channels per segment (4, 3, 2-bit) for an average of ``bits``, in whole 32-channel groups.
-
-    Only two adjacent widths are mixed: ``bits <= 3`` mixes 3- and 2-bit, above that 4- and 3-bit.
-    """
-    if not (MIN_BITS <= bits <= MAX_BITS):
-        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-    if k % GROUP_CODES:
-        raise ValueError(f"in_features {k} is not a multiple of {GROUP_CODES}")
-    groups = k // GROUP_CODES
-    low = 2 if bits <= 3 else 3
-    upper = int(round((bits - low) * groups)) * GROUP_CODES
-    return (upper, k - upper, 0) if low == 3 else (0, upper, k - upper)
+__all__ = ["quantize_standin", "segment_sizes"]
 
 
 def _codebook_and_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,9 +47,7 @@ def quantize_standin(weight: torch.Tensor, bits: float = 3.0, outlier_fraction: 
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weight contains NaN or Inf")
     n, k = w.shape
-    seg_k = segment_sizes(k, bits)
-    order = torch.argsort(w.pow(2).sum(0), descending=True, stable=True)  # most energetic channels first
-    perm = torch.cat([torch.sort(part).values for part in torch.split(order, list(seg_k))])
+    perm, seg_k = permutation(allocate_cmpq(w.pow(2).sum(0), bits))  # weight energy stands in for salience
     w_packed = w[:, perm]
     codes, codebooks, dense = [], [], []
     for part, b in zip(torch.split(w_packed, list(seg_k), dim=1), SEGMENT_BITS):

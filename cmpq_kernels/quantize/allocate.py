@@ -25,7 +25,7 @@ def check_bits(bits: float) -> float:
     """Return ``bits`` as float, or raise ``ValueError`` unless it is finite and within [2, 4]."""
     bits = float(bits)
     if not (math.isfinite(bits) and MIN_BITS <= bits <= MAX_BITS):
-        raise ValueError(f"bits must be a finite number in [{MIN_BITS:g}, {MAX_BITS:g}], got {bits}")
+        raise ValueError(f"bits must be in [{MIN_BITS:g}, {MAX_BITS:g}] and finite, got {bits}")
     return bits
 
 
@@ -37,15 +37,25 @@ def check_k(k: int) -> int:
     return k
 
 
-def allocate_cmpq(s2: torch.Tensor, bits: float) -> torch.Tensor:
-    """Salience-ranked widths ``[K]``: the most salient ``round((bits - low) * groups)`` groups get ``low + 1``."""
+def segment_sizes(k: int, bits: float) -> tuple[int, int, int]:
+    """Channels per segment (4, 3, 2-bit) of the two-adjacent-width split that the ``cmpq`` allocator makes.
+
+    ``bits <= 3`` mixes 3- and 2-bit, above that 4- and 3-bit; the upper width gets
+    ``round((bits - low) * groups)`` whole 32-channel groups.
+    """
     bits = check_bits(bits)
-    k = check_k(s2.numel())
+    k = check_k(k)
     low = 2 if bits <= 3 else 3
     upper = int(round((bits - low) * (k // GROUP_CODES))) * GROUP_CODES
+    return (upper, k - upper, 0) if low == 3 else (0, upper, k - upper)
+
+
+def allocate_cmpq(s2: torch.Tensor, bits: float) -> torch.Tensor:
+    """Salience-ranked widths ``[K]``: the most salient channels fill the upper width of :func:`segment_sizes`."""
+    seg_k = segment_sizes(s2.numel(), bits)
     order = torch.argsort(s2.double(), descending=True, stable=True)  # stable: ties keep channel order
-    widths = torch.full((k,), low, dtype=torch.int64)
-    widths[order[:upper]] = low + 1
+    widths = torch.empty(s2.numel(), dtype=torch.int64)
+    widths[order] = torch.repeat_interleave(torch.tensor(SEGMENT_BITS), torch.tensor(seg_k))
     return widths
 
 
