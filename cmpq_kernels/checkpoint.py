@@ -1,0 +1,316 @@
+"""Save and load CMPQ-quantized Hugging Face causal LMs: safetensors + ``quantization_config`` (DESIGN §2).
+
+A checkpoint is a directory::
+
+    config.json          the model's config plus "quantization_config" (quant_method "cmpq", format_version,
+                         bits, effective bits, settings, one entry per quantized module, weights sha256)
+    model.safetensors    "<module>.cmpq.<field>" for every CMPQLinear (perm, codes4/3/2, codebook4/3/2 fp16,
+                         row_ptr, col, val fp16), "<module>.bias", and every other tensor under its own name
+    tokenizer files, generation_config.json (when given / present)
+
+Never pickle. Writes go to a temporary sibling directory that is renamed into place at the end, so an
+interrupted save leaves nothing half-written under the target name. Loading validates everything the
+format promises (:meth:`CMPQLayer.validate`) plus the file's SHA-256, so a truncated, bit-flipped or edited
+file raises ``ValueError`` naming the problem instead of producing wrong logits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .format import FORMAT_VERSION, GROUP_CODES, SEGMENT_BITS, CMPQLayer
+from .nn import CMPQLinear
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+QUANT_METHOD = "cmpq"
+#: on-disk field name -> how to read it from a CMPQLayer; codebooks and values are fp16 on disk.
+LAYER_FIELDS = ("perm", "codes4", "codes3", "codes2", "codebook4", "codebook3", "codebook2", "row_ptr", "col", "val")
+_SEGMENT_FIELDS = {f"codes{b}": s for s, b in enumerate(SEGMENT_BITS)}
+_CODEBOOK_FIELDS = {f"codebook{b}": s for s, b in enumerate(SEGMENT_BITS)}
+
+
+def _layer_tensors(layer: CMPQLayer) -> dict[str, torch.Tensor]:
+    fields = {"perm": layer.perm, "row_ptr": layer.row_ptr, "col": layer.col, "val": layer.val}
+    fields.update({name: layer.codes[s] for name, s in _SEGMENT_FIELDS.items()})
+    fields.update({name: layer.codebooks[s] for name, s in _CODEBOOK_FIELDS.items()})
+    return {name: fields[name].detach().cpu().contiguous() for name in LAYER_FIELDS}
+
+
+def quantized_modules(model: nn.Module) -> dict[str, CMPQLinear]:
+    """Every :class:`CMPQLinear` in ``model`` by dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CMPQLinear)}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _plain_tensors(model: nn.Module, quantized: dict[str, CMPQLinear]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The non-quantized state, each storage once; ``aliases`` maps a dropped name to the kept one (tied weights)."""
+    skip = tuple(f"{name}." for name in quantized)
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(skip):
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        kept[key] = tensor.detach().cpu().contiguous()
+    return kept, aliases
+
+
+def _quantization_config(quantized: dict[str, CMPQLinear], report: Any, aliases: dict[str, str]) -> dict:
+    layers = {name: m.layer for name, m in quantized.items()}
+    weights = sum(l.n * l.k for l in layers.values())
+    stored = sum(sum(l.storage_bits().values()) for l in layers.values())
+    code = sum(l.code_bits * l.n * l.k for l in layers.values())
+    bits = sorted({l.bits for l in layers.values()})
+    config = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "bits": bits[0] if len(bits) == 1 else bits,
+        "code_bits": code / weights,
+        "effective_bits": stored / weights,
+        "quantized_weights": weights,
+        "modules": {name: {"in_features": l.k, "out_features": l.n, "bits": l.bits, "codebook_rows": l.codebook_rows,
+                           "bias": l.bias is not None} for name, l in layers.items()},
+        "tied": aliases,
+    }
+    if report is not None:
+        config["settings"] = report.settings
+    return config
+
+
+def save_quantized(model: nn.Module, directory: str, tokenizer: Any = None, report: Any = None, *,
+                   overwrite: bool = False) -> dict:
+    """Write ``model`` (with its :class:`CMPQLinear` layers) as a CMPQ checkpoint directory.
+
+    Args:
+        model: a Hugging Face causal LM quantized by :func:`cmpq_kernels.quantize_model` (needs ``.config``).
+        directory: target; must not exist unless ``overwrite``.
+        tokenizer: saved alongside (``save_pretrained``) when given.
+        report: the :class:`~cmpq_kernels.quantize.QuantReport`; its settings (allocator, outlier fractions,
+            calibration) go into ``quantization_config``.
+        overwrite: replace an existing directory (only after the new one is complete).
+
+    Returns the ``quantization_config`` written, plus ``file_bytes`` (size of ``model.safetensors``).
+    """
+    from safetensors.torch import save_file
+
+    quantized = quantized_modules(model)
+    if not quantized:
+        raise ValueError("model has no CMPQLinear layers: quantize it first (cmpq_kernels.quantize_model)")
+    if not hasattr(model, "config"):
+        raise TypeError(f"{type(model).__name__} has no .config: save_quantized needs a Hugging Face model")
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+    tensors, aliases = _plain_tensors(model, quantized)
+    for name, module in quantized.items():
+        tensors.update({f"{name}.cmpq.{field}": t for field, t in _layer_tensors(module.layer).items()})
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
+    qconfig = _quantization_config(quantized, report, aliases)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+    try:
+        weights_path = os.path.join(staging, WEIGHTS_NAME)
+        save_file(tensors, weights_path, metadata={"format": "pt", "quant_method": QUANT_METHOD,
+                                                   "format_version": str(FORMAT_VERSION)})
+        qconfig["weights_sha256"] = _sha256(weights_path)
+        config = model.config.to_dict()
+        config["quantization_config"] = qconfig
+        with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _move_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {**qconfig, "file_bytes": os.path.getsize(os.path.join(directory, WEIGHTS_NAME))}
+
+
+def _move_into_place(staging: str, directory: str) -> None:
+    if not os.path.exists(directory):
+        os.rename(staging, directory)
+        return
+    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
+    os.rmdir(retired)
+    os.rename(directory, retired)
+    os.rename(staging, directory)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+
+def read_quantization_config(directory: str) -> tuple[dict, dict]:
+    """``(model config dict without quantization_config, quantization_config)`` of a CMPQ checkpoint.
+
+    Raises ``ValueError`` when the directory is not a CMPQ checkpoint this build can read.
+    """
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    qconfig = config.pop("quantization_config", None)
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{path}: no quantization_config with quant_method '{QUANT_METHOD}'; not a CMPQ checkpoint")
+    if qconfig.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {qconfig.get('format_version')!r} is not supported by this build "
+                         f"(reads version {FORMAT_VERSION})")
+    if not isinstance(qconfig.get("modules"), dict) or not qconfig["modules"]:
+        raise ValueError(f"{path}: quantization_config.modules is missing or empty")
+    return config, qconfig
+
+
+def _open_weights(directory: str, qconfig: dict, verify: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: {WEIGHTS_NAME} is missing")
+    if verify:
+        expected = qconfig.get("weights_sha256")
+        if not isinstance(expected, str):
+            raise ValueError(f"{directory}: quantization_config has no weights_sha256 (pass verify=False to skip)")
+        if _sha256(path) != expected:
+            raise ValueError(f"{path}: SHA-256 does not match quantization_config.weights_sha256: the file is "
+                             "truncated, corrupted or was modified after saving")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: unreadable safetensors file ({err})") from None
+
+
+def _layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> CMPQLayer:
+    missing = [f for f in LAYER_FIELDS if f"{name}.cmpq.{f}" not in tensors]
+    if missing:
+        raise ValueError(f"{name}: tensors missing from the checkpoint: {', '.join(missing)}")
+    fields = {f: tensors.pop(f"{name}.cmpq.{f}") for f in LAYER_FIELDS}
+    bias = tensors.pop(f"{name}.bias", None)
+    if bool(entry.get("bias")) != (bias is not None):
+        raise ValueError(f"{name}: config says bias={entry.get('bias')} but the file "
+                         f"{'has' if bias is not None else 'lacks'} {name}.bias")
+    try:
+        n, k = int(entry["out_features"]), int(entry["in_features"])
+        seg_k = tuple(fields[f"codes{b}"].shape[-1] // b * GROUP_CODES for b in SEGMENT_BITS)
+        layer = CMPQLayer(n=n, k=k, bits=float(entry["bits"]), seg_k=seg_k, perm=fields["perm"],  # type: ignore[arg-type]
+                          codes=tuple(fields[f"codes{b}"] for b in SEGMENT_BITS),  # type: ignore[arg-type]
+                          codebooks=tuple(fields[f"codebook{b}"] for b in SEGMENT_BITS),  # type: ignore[arg-type]
+                          row_ptr=fields["row_ptr"], col=fields["col"], val=fields["val"], bias=bias,
+                          codebook_rows=int(entry["codebook_rows"]))
+        return layer.validate()
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{name}: bad quantization_config entry {entry!r} ({err})") from None
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _build_model(config: dict, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError("config.json has no model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"config.json: transformers cannot build model_type {model_type!r} ({err})") from None
+    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized`: the model in eval mode on ``device``.
+
+    Checks, each failure a ``ValueError`` (``FileNotFoundError`` for missing files) naming the problem:
+    ``quant_method`` and ``format_version``; the file's SHA-256 against the config (``verify``); that the
+    safetensors file parses; every quantized module exists as an ``nn.Linear`` of the recorded shape; every
+    layer passes :meth:`CMPQLayer.validate` (dtypes, shapes, permutation, CSR, finite codebooks); no tensor
+    is missing or left over. The tokenizer is loaded separately (``AutoTokenizer.from_pretrained(directory)``).
+    """
+    directory = os.fspath(directory)
+    config, qconfig = read_quantization_config(directory)
+    tensors = _open_weights(directory, qconfig, verify)
+    floats = [t.dtype for k, t in tensors.items() if ".cmpq." not in k and t.is_floating_point()]
+    model = _build_model(config, max(set(floats), key=floats.count) if floats else torch.float32)
+    for name, entry in qconfig["modules"].items():
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
+        if not isinstance(target, nn.Linear):
+            raise ValueError(f"{name}: is a {type(target).__name__}, expected nn.Linear")
+        if (target.out_features, target.in_features) != (entry.get("out_features"), entry.get("in_features")):
+            raise ValueError(f"{name}: model has {target.out_features}x{target.in_features}, config says "
+                             f"{entry.get('out_features')}x{entry.get('in_features')}")
+        _replace_module(model, name, CMPQLinear(_layer_from_tensors(name, entry, tensors)))
+    stray = sorted(k for k in tensors if ".cmpq." in k)
+    if stray:
+        raise ValueError(f"tensors of modules not in quantization_config: {', '.join(stray[:5])}")
+    tied = qconfig.get("tied", {})
+    for alias, source in tied.items():
+        if source in tensors:
+            tensors[alias] = tensors[source]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    quantized_keys = {k for k in missing if k.rpartition(".")[0] in qconfig["modules"]}
+    missing = sorted(set(missing) - quantized_keys)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval().to(device)
+
+
+def checkpoint_bytes(directory: str) -> dict[str, int]:
+    """Bytes on disk: ``weights`` (model.safetensors), ``quantized`` (the CMPQ tensors only), ``total`` (all files)."""
+    from safetensors import safe_open
+
+    total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    quantized = 0
+    with safe_open(os.path.join(directory, WEIGHTS_NAME), framework="pt") as f:
+        for key in f.keys():
+            if ".cmpq." in key:
+                info = f.get_slice(key)
+                quantized += _numel(info.get_shape()) * _DTYPE_BYTES[info.get_dtype()]
+    return {"weights": os.path.getsize(os.path.join(directory, WEIGHTS_NAME)), "quantized": quantized, "total": total}
+
+
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
