@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -136,6 +137,9 @@ def save_quantized(model: nn.Module, directory: str, tokenizer: Any = None, repo
                                                    "format_version": str(FORMAT_VERSION)})
         qconfig["weights_sha256"] = _sha256(weights_path)
         config = model.config.to_dict()
+        # Without "dtype", transformers' from_pretrained(dtype="auto") takes the file's first floating tensor,
+        # which can be a CMPQ fp16 codebook: record the dtype load_quantized builds the model in.
+        config["dtype"] = str(model_dtype(t.dtype for k, t in tensors.items() if ".cmpq." not in k)).split(".")[-1]
         config["quantization_config"] = qconfig
         with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -157,7 +161,11 @@ def _move_into_place(staging: str, directory: str) -> None:
     retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
     os.rmdir(retired)
     os.rename(directory, retired)
-    os.rename(staging, directory)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(retired, directory)  # the old checkpoint stays in place when the new one cannot take it
+        raise
     shutil.rmtree(retired, ignore_errors=True)
 
 
@@ -182,12 +190,65 @@ def read_quantization_config(directory: str) -> tuple[dict, dict]:
     qconfig = config.pop("quantization_config", None)
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{path}: no quantization_config with quant_method '{QUANT_METHOD}'; not a CMPQ checkpoint")
-    if qconfig.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {qconfig.get('format_version')!r} is not supported by this build "
+    version = qconfig.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # type(): JSON true and 1.0 compare equal to 1
+        raise ValueError(f"{path}: format_version {version!r} is not supported by this build "
                          f"(reads version {FORMAT_VERSION})")
     if not isinstance(qconfig.get("modules"), dict) or not qconfig["modules"]:
         raise ValueError(f"{path}: quantization_config.modules is missing or empty")
+    for name, entry in qconfig["modules"].items():
+        _check_module_entry(path, name, entry)
+    tied = qconfig.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise ValueError(f"{path}: quantization_config.tied must map tensor names to tensor names, got {tied!r:.80}")
     return config, qconfig
+
+
+#: what save_quantized writes per module, by JSON type (bool is excluded from the numbers: true == 1 in Python).
+_ENTRY_TYPES = {"in_features": ((int,), "an integer"), "out_features": ((int,), "an integer"),
+                "codebook_rows": ((int,), "an integer"), "bits": ((int, float), "a number"),
+                "bias": ((bool,), "true or false")}
+
+
+def _check_module_entry(path: str, name: str, entry: Any) -> None:
+    where = f"{path}: quantization_config.modules[{name!r}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: must be an object, got {entry!r:.80}")
+    for key, (types, meaning) in _ENTRY_TYPES.items():
+        if key not in entry:
+            raise ValueError(f"{where}: '{key}' is missing")
+        if type(entry[key]) not in types:
+            raise ValueError(f"{where}.{key}: must be {meaning}, got {entry[key]!r:.80}")
+
+
+def model_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype a checkpoint's model is built in: the most common of the non-CMPQ floating tensors' ``dtypes``."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def verify_weights(path: str, qconfig: dict) -> None:
+    """Raise ``ValueError`` unless the SHA-256 of ``path`` equals ``quantization_config.weights_sha256``."""
+    expected = qconfig.get("weights_sha256")
+    if not isinstance(expected, str):
+        raise ValueError(f"{os.path.dirname(path)}: quantization_config has no weights_sha256 "
+                         "(load_quantized(..., verify=False) skips the check)")
+    if _sha256(path) != expected:
+        raise ValueError(f"{path}: SHA-256 does not match quantization_config.weights_sha256: the file is "
+                         "truncated, corrupted or was modified after saving")
+
+
+def check_target(model: nn.Module, name: str, entry: dict) -> None:
+    """``model.<name>`` must be the ``nn.Linear`` that ``quantization_config.modules[name]`` describes."""
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
+    if not isinstance(target, nn.Linear):
+        raise ValueError(f"{name}: is a {type(target).__name__}, expected nn.Linear")
+    if (target.out_features, target.in_features) != (entry.get("out_features"), entry.get("in_features")):
+        raise ValueError(f"{name}: model has {target.out_features}x{target.in_features}, config says "
+                         f"{entry.get('out_features')}x{entry.get('in_features')}")
 
 
 def _open_weights(directory: str, qconfig: dict, verify: bool) -> dict[str, torch.Tensor]:
@@ -198,12 +259,7 @@ def _open_weights(directory: str, qconfig: dict, verify: bool) -> dict[str, torc
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: {WEIGHTS_NAME} is missing")
     if verify:
-        expected = qconfig.get("weights_sha256")
-        if not isinstance(expected, str):
-            raise ValueError(f"{directory}: quantization_config has no weights_sha256 (pass verify=False to skip)")
-        if _sha256(path) != expected:
-            raise ValueError(f"{path}: SHA-256 does not match quantization_config.weights_sha256: the file is "
-                             "truncated, corrupted or was modified after saving")
+        verify_weights(path, qconfig)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -221,7 +277,9 @@ def _layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]
                          f"{'has' if bias is not None else 'lacks'} {name}.bias")
     try:
         n, k = int(entry["out_features"]), int(entry["in_features"])
-        seg_k = tuple(fields[f"codes{b}"].shape[-1] // b * GROUP_CODES for b in SEGMENT_BITS)
+        seg_k = _segment_sizes(fields)
+        if sum(seg_k) != k:
+            raise ValueError(f"codes4/codes3/codes2: hold {sum(seg_k)} packed channels, in_features is {k}")
         layer = CMPQLayer(n=n, k=k, bits=float(entry["bits"]), seg_k=seg_k, perm=fields["perm"],  # type: ignore[arg-type]
                           codes=tuple(fields[f"codes{b}"] for b in SEGMENT_BITS),  # type: ignore[arg-type]
                           codebooks=tuple(fields[f"codebook{b}"] for b in SEGMENT_BITS),  # type: ignore[arg-type]
@@ -232,6 +290,17 @@ def _layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]
         raise ValueError(f"{name}: bad quantization_config entry {entry!r} ({err})") from None
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
+
+
+def _segment_sizes(fields: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """``seg_k`` implied by the packed code tensors, which must be ``[n, groups * bits]``."""
+    sizes = []
+    for bits in SEGMENT_BITS:
+        codes = fields[f"codes{bits}"]
+        if codes.dim() != 2 or codes.shape[1] % bits:  # else the sizes below would be silently rounded
+            raise ValueError(f"codes{bits}: shape must be [out_features, groups * {bits}], got {tuple(codes.shape)}")
+        sizes.append(codes.shape[1] // bits * GROUP_CODES)
+    return tuple(sizes)  # type: ignore[return-value]
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -249,7 +318,10 @@ def _build_model(config: dict, dtype: torch.dtype) -> nn.Module:
         hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
     except (ValueError, KeyError) as err:
         raise ValueError(f"config.json: transformers cannot build model_type {model_type!r} ({err})") from None
-    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:  # e.g. a negative size in an edited config
+        raise ValueError(f"config.json: cannot build a {model_type!r} causal LM from it ({err})") from None
 
 
 def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
@@ -264,18 +336,9 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
     directory = os.fspath(directory)
     config, qconfig = read_quantization_config(directory)
     tensors = _open_weights(directory, qconfig, verify)
-    floats = [t.dtype for k, t in tensors.items() if ".cmpq." not in k and t.is_floating_point()]
-    model = _build_model(config, max(set(floats), key=floats.count) if floats else torch.float32)
+    model = _build_model(config, model_dtype(t.dtype for k, t in tensors.items() if ".cmpq." not in k))
     for name, entry in qconfig["modules"].items():
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"quantization_config names module {name!r}, which this model does not have") from None
-        if not isinstance(target, nn.Linear):
-            raise ValueError(f"{name}: is a {type(target).__name__}, expected nn.Linear")
-        if (target.out_features, target.in_features) != (entry.get("out_features"), entry.get("in_features")):
-            raise ValueError(f"{name}: model has {target.out_features}x{target.in_features}, config says "
-                             f"{entry.get('out_features')}x{entry.get('in_features')}")
+        check_target(model, name, entry)
         _replace_module(model, name, CMPQLinear(_layer_from_tensors(name, entry, tensors)))
     stray = sorted(k for k in tensors if ".cmpq." in k)
     if stray:
@@ -284,7 +347,10 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
     for alias, source in tied.items():
         if source in tensors:
             tensors[alias] = tensors[source]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # a plain tensor of the wrong shape
+        raise ValueError(f"checkpoint does not match the model: {err}") from None
     quantized_keys = {k for k in missing if k.rpartition(".")[0] in qconfig["modules"]}
     missing = sorted(set(missing) - quantized_keys)
     if missing or unexpected:
@@ -292,25 +358,36 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
     return model.eval().to(device)
 
 
+#: safetensors header dtype -> torch dtype.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``name -> (shape, torch dtype)`` from a safetensors header; no tensor data is read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = {}
+            for key in f.keys():
+                info = f.get_slice(key)
+                dtype = info.get_dtype()
+                if dtype not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+                header[key] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES[dtype])
+            return header
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path}: unreadable safetensors file ({err})") from None
+
+
 def checkpoint_bytes(directory: str) -> dict[str, int]:
     """Bytes on disk: ``weights`` (model.safetensors), ``quantized`` (the CMPQ tensors only), ``total`` (all files)."""
-    from safetensors import safe_open
-
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    quantized = sum(math.prod(shape) * dtype.itemsize for key, (shape, dtype) in read_header(weights).items()
+                    if ".cmpq." in key)
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
-    quantized = 0
-    with safe_open(os.path.join(directory, WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():
-            if ".cmpq." in key:
-                info = f.get_slice(key)
-                quantized += _numel(info.get_shape()) * _DTYPE_BYTES[info.get_dtype()]
-    return {"weights": os.path.getsize(os.path.join(directory, WEIGHTS_NAME)), "quantized": quantized, "total": total}
-
-
-_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
-
-
-def _numel(shape: list[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+    return {"weights": os.path.getsize(weights), "quantized": quantized, "total": total}

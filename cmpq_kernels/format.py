@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -86,6 +87,10 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
 
 
 # ---- the layer container ------------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _tensor_bits(t: Optional[torch.Tensor]) -> int:
@@ -189,6 +194,7 @@ class CMPQLayer:
 
     def validate(self) -> "CMPQLayer":
         """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``."""
+        self._check_field_types()
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version: this build reads version {FORMAT_VERSION}, got {self.format_version}")
         if self.n <= 0 or self.k <= 0:
@@ -201,7 +207,7 @@ class CMPQLayer:
             raise ValueError(f"codebook_rows: must be >= 1, got {self.codebook_rows}")
         if len(self.seg_k) != 3 or any(s < 0 or s % GROUP_CODES for s in self.seg_k) or sum(self.seg_k) != self.k:
             raise ValueError(f"seg_k: need three multiples of {GROUP_CODES} summing to k={self.k}, got {self.seg_k}")
-        device = self.perm.device
+        device = self.perm.device  # a tensor: checked by _check_field_types
         self._check_tensor("perm", self.perm, torch.int32, (self.k,), device)
         perm = self.perm.cpu()
         if not torch.equal(torch.sort(perm.long()).values, torch.arange(self.k)):
@@ -236,7 +242,31 @@ class CMPQLayer:
             if self.bias.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 raise ValueError(f"bias: dtype must be a floating-point type, got {self.bias.dtype}")
             self._check_tensor("bias", self.bias, self.bias.dtype, (self.n,), device)
+            if not bool(torch.isfinite(self.bias).all()):
+                raise ValueError("bias: contains NaN or Inf")
         return self
+
+    def _check_field_types(self) -> None:
+        # Wrong types (a str, a float count, a list perm) would otherwise fail later with an unrelated
+        # TypeError/AttributeError, or pass a comparison by accident (True == 1, 37.0 == 37).
+        for name in ("n", "k", "codebook_rows", "format_version"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Real):
+            raise ValueError(f"bits: must be a real number, got {type(self.bits).__name__} {self.bits!r}")
+        if not isinstance(self.seg_k, (tuple, list)) or len(self.seg_k) != 3 or not all(map(_is_int, self.seg_k)):
+            raise ValueError(f"seg_k: need three multiples of {GROUP_CODES} summing to k={self.k}, got {self.seg_k!r}")
+        for name in ("codes", "codebooks"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 3:
+                size = f" of {len(value)}" if isinstance(value, (tuple, list)) else ""
+                raise ValueError(f"{name}: need one tensor per segment (4-bit, 3-bit, 2-bit), got a "
+                                 f"{type(value).__name__}{size}")
+        if not isinstance(self.perm, torch.Tensor):
+            raise ValueError(f"perm: expected a torch.Tensor, got {type(self.perm).__name__}")
+        if self.bias is not None and not isinstance(self.bias, torch.Tensor):
+            raise ValueError(f"bias: expected a torch.Tensor or None, got {type(self.bias).__name__}")
 
     @staticmethod
     def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> None:

@@ -1,7 +1,7 @@
 """``CMPQLinear``: a drop-in ``nn.Linear`` replacement holding one packed CMPQ layer."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -58,27 +58,58 @@ class CMPQLinear(nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: float = 3.0, outlier_fraction: float = 0.005) -> "CMPQLinear":
-        """Quantize an ``nn.Linear`` with the calibration-free *stand-in* quantizer.
+    def from_linear(cls, linear: nn.Linear, bits: float = 3.0, inputs: Optional[torch.Tensor] = None, *,
+                    outlier_fraction: float = 0.005, **options: Any) -> "CMPQLinear":
+        """Quantize one ``nn.Linear`` (for engines that manage their own layers).
 
-        No activations are seen, so this is for quick experiments and tests; for real models use
-        :func:`cmpq_kernels.quantize.quantize_model` (or :func:`~cmpq_kernels.quantize.quantize_weight`
-        with calibration statistics). See :mod:`cmpq_kernels.standin` for what it does. The result keeps
-        the linear's bias (in its dtype) and is placed on the linear's device.
+        Args:
+            linear: the layer; its bias is kept (in its dtype) and the result is placed on its device.
+            bits: average code bits per weight in [2, 4].
+            inputs: sample activations ``[..., in_features]`` of this layer (a few hundred tokens or more).
+                With them the full CMPQ quantizer runs (:func:`~cmpq_kernels.quantize.quantize_weight`:
+                salience from ``mean(x^2)``, greedy allocation, weighted k-means, both outlier kinds, error
+                feedback from ``X^T X``); ``options`` go to it (``allocator``, ``codebook_rows``, ``p_act``,
+                ``p_err``, ``error_feedback``, ...). Without them the calibration-free *stand-in* quantizer
+                runs (:mod:`cmpq_kernels.standin`: fine for tests and kernels, worse for real models).
+            outlier_fraction: stand-in only: share of weights kept as outliers.
         """
-        from .standin import quantize_standin
-
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         bias = None if linear.bias is None else linear.bias.detach().cpu().contiguous()
-        layer = quantize_standin(linear.weight, bits=bits, outlier_fraction=outlier_fraction, bias=bias)
+        if inputs is None:
+            from .standin import quantize_standin
+
+            if options:
+                raise TypeError(f"options {sorted(options)} need calibration inputs (inputs=...)")
+            layer = quantize_standin(linear.weight, bits=bits, outlier_fraction=outlier_fraction, bias=bias)
+        else:
+            layer = _calibrated_layer(linear, bits, inputs, bias, options)
         return cls(layer).to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gemm(x.contiguous(), self.layer)
+        # Non-tensors go through unchanged so ops.gemm raises its TypeError rather than an AttributeError here.
+        return ops.gemm(x.contiguous() if isinstance(x, torch.Tensor) else x, self.layer)
 
     def extra_repr(self) -> str:
         layer = self.layer
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits:g}, "
                 f"effective_bits={layer.effective_bits:.3f}, outliers={layer.nnz}, bias={self.bias is not None}, "
                 f"format_version={FORMAT_VERSION}")
+
+
+def _calibrated_layer(linear: nn.Linear, bits: float, inputs: torch.Tensor, bias: Optional[torch.Tensor],
+                      options: dict) -> CMPQLayer:
+    from .quantize.calibrate import StatsAccumulator
+    from .quantize.layer import quantize_weight
+
+    if not isinstance(inputs, torch.Tensor) or inputs.shape[-1] != linear.in_features or inputs.numel() == 0:
+        raise ValueError(f"inputs: need a non-empty tensor [..., {linear.in_features}], got "
+                         f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+    if not bool(torch.isfinite(inputs).all()):
+        raise ValueError("inputs: contain NaN or Inf")
+    feedback = options.get("error_feedback", True)
+    stats = StatsAccumulator(linear.in_features, hessian=feedback)
+    stats.add(inputs)
+    found = stats.finish()
+    return quantize_weight(linear.weight, found.s2, bits, hessian=found.hessian, bias=bias,
+                           **{"error_feedback": feedback, **options})

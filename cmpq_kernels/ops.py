@@ -21,6 +21,8 @@ def _layer_args(layer: CMPQLayer) -> tuple:
 
 def check_activation(x: torch.Tensor, layer: CMPQLayer) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the problem if ``x`` cannot be multiplied by ``layer``."""
+    if not isinstance(layer, CMPQLayer):
+        raise TypeError(f"layer: expected a CMPQLayer, got {type(layer).__name__} (a CMPQLinear's is .layer)")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
@@ -45,6 +47,8 @@ def gemm(x: torch.Tensor, layer: CMPQLayer, bias: Optional[torch.Tensor] = None)
         ``[..., n]`` in ``x.dtype``. Accumulation is FP32 on every backend.
     """
     check_activation(x, layer)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
     bias = layer.bias if bias is None else bias
     y = torch.ops.cmpq.gemm(x.reshape(-1, layer.k), *_layer_args(layer), bias, layer.codebook_rows,
                             layer.format_version)

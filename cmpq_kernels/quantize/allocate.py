@@ -22,8 +22,13 @@ ALLOCATORS = ("cmpq", "greedy")
 
 
 def check_bits(bits: float) -> float:
-    """Return ``bits`` as float, or raise ``ValueError`` unless it is finite and within [2, 4]."""
-    bits = float(bits)
+    """Return ``bits`` as float; ``TypeError`` unless it is a number, ``ValueError`` unless finite and in [2, 4]."""
+    if isinstance(bits, (str, bytes, bool)):  # float() would parse "3" and read True as 1.0
+        raise TypeError(f"bits must be a number, got {type(bits).__name__} {bits!r}")
+    try:
+        bits = float(bits)
+    except (TypeError, ValueError):
+        raise TypeError(f"bits must be a number, got {type(bits).__name__}") from None
     if not (math.isfinite(bits) and MIN_BITS <= bits <= MAX_BITS):
         raise ValueError(f"bits must be in [{MIN_BITS:g}, {MAX_BITS:g}] and finite, got {bits}")
     return bits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -84,7 +85,7 @@ def calibration_ids(calibration: Calibration, tokenizer: Any = None, n_samples: 
             of ``input_ids`` tensors / dicts holding ``"input_ids"``.
         tokenizer: a Hugging Face tokenizer; needed for text.
         n_samples: windows wanted; fewer are returned when the text is too short for that many
-            non-overlapping windows (at least one, possibly shorter than ``seq_len``).
+            non-overlapping windows. At least one full window of ``seq_len`` tokens is required.
         seq_len: tokens per window.
         seed: picks which non-overlapping windows are used when there are more than ``n_samples``.
     """
@@ -96,21 +97,41 @@ def calibration_ids(calibration: Calibration, tokenizer: Any = None, n_samples: 
                              "(pass a list of strings for raw text)")
         with open(calibration, encoding="utf-8") as f:
             calibration = [f.read()]
-    items = list(calibration)
-    if items and all(isinstance(t, str) for t in items):
+    try:
+        items = list(calibration)
+    except TypeError:
+        raise TypeError(f"calibration must be a list of strings, a text-file path or an iterable of input_ids, "
+                        f"got {type(calibration).__name__}") from None
+    texts = [isinstance(t, str) for t in items]
+    if items and all(texts):
         if tokenizer is None:
             raise ValueError("calibration is text: pass the model's tokenizer")
         ids = tokenizer("\n\n".join(items), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    elif any(texts):
+        raise TypeError("calibration mixes text and token ids: pass one kind")
     else:
-        ids = torch.cat([torch.as_tensor(b["input_ids"] if isinstance(b, dict) else b).reshape(-1) for b in items]) \
-            if items else torch.zeros(0, dtype=torch.long)
-    if ids.numel() < 2:
-        raise ValueError("calibration data is empty (fewer than 2 tokens)")
+        ids = torch.cat([_token_ids(b) for b in items]) if items else torch.zeros(0, dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("calibration data is empty (0 tokens)")
+    if int(ids.min()) < 0:
+        raise ValueError(f"calibration token ids must be >= 0, got {int(ids.min())}")
     windows = ids.numel() // seq_len
-    if windows == 0:
-        return ids.long()[None]
+    if windows == 0:  # a shorter window would silently calibrate on fewer positions than asked for
+        raise ValueError(f"calibration data has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}: "
+                         "give more text or a smaller seq_len")
     chosen = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:n_samples].sort().values
     return ids[: windows * seq_len].reshape(windows, seq_len)[chosen].long()
+
+
+def _token_ids(item: Any) -> torch.Tensor:
+    """Flat ``input_ids`` of one calibration item (a tensor, a list of ints, or a mapping holding ``input_ids``)."""
+    try:
+        ids = torch.as_tensor(item["input_ids"] if isinstance(item, Mapping) else item)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise TypeError(f"calibration item of type {type(item).__name__} is neither text nor input_ids") from None
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"calibration input_ids must be integers, got {ids.dtype}")  # .long() would truncate floats
+    return ids.reshape(-1)
 
 
 class _Stop(Exception):

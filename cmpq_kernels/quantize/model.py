@@ -92,9 +92,9 @@ def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], b
     return {name: widths_from_upgrades(orders[name], u) for name, u in zip(linears, upgrades)}
 
 
-def cmpq_layer_quantizer(bits: float, *, allocator: str = "cmpq", error_feedback: bool = True,
+def cmpq_layer_quantizer(bits: float, *, allocator: str = "greedy", error_feedback: bool = True,
                          p_act: float = DEFAULT_P_ACT, p_err: float = DEFAULT_P_ERR,
-                         kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 1,
+                         kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 4,
                          feedback_order: str = "act") -> LayerQuantizer:
     """The default :data:`LayerQuantizer`: :func:`quantize_weight` -> :class:`CMPQLinear`."""
 
@@ -123,11 +123,34 @@ def _check_linears(linears: dict[str, nn.Linear]) -> None:
                              f"CMPQ cannot pack it (pad the layer or leave it unquantized)")
 
 
+def _check_finite(model: nn.Module) -> None:
+    """Refuse NaN/Inf parameters up front, by name: later they surface only as NaN statistics, mid-way."""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.is_meta:
+            continue
+        if not all(bool(torch.isfinite(chunk).all()) for chunk in param.detach().reshape(-1).split(1 << 24)):
+            raise ValueError(f"{name}: contains NaN or Inf; cannot quantize a model with non-finite weights")
+
+
+def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+    """Calibration ids past the embedding table (a tokenizer of another model) would fail with a bare IndexError."""
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):  # no plain embedding table to check against
+        return
+    if int(ids.max()) >= vocab:
+        raise ValueError(f"calibration token id {int(ids.max())} is outside the model's vocabulary of {vocab} "
+                         "(a tokenizer of another model?)")
+
+
 def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float,
                       quantizer: LayerQuantizer, widths: dict[str, torch.Tensor], records: list[dict]) -> None:
     for name, lin in linears.items():
         start = time.perf_counter()
-        module, info = quantizer(name, lin, stats[name], widths.get(name))
+        try:
+            module, info = quantizer(name, lin, stats[name], widths.get(name))
+        except ValueError as err:  # say which layer: the quantizer sees only a weight and its statistics
+            raise ValueError(f"{name}: {err}") from err
         _replace(root, name, module)
         records.append({"name": name, "shape": [lin.out_features, lin.in_features], "bits": bits, **info,
                         "seconds": time.perf_counter() - start})
@@ -135,9 +158,9 @@ def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dic
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5, *, tokenizer: Any = None,
-                   n_samples: int = 128, seq_len: int = 512, seed: int = 0, allocator: str = "cmpq",
+                   n_samples: int = 128, seq_len: int = 512, seed: int = 0, allocator: str = "greedy",
                    error_feedback: bool = True, budget: str = "layer", p_act: float = DEFAULT_P_ACT,
-                   p_err: float = DEFAULT_P_ERR, kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 1,
+                   p_err: float = DEFAULT_P_ERR, kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 4,
                    feedback_order: str = "act", quantize_lm_head: bool = False, batch_size: int = 8,
                    progress: bool = True, layer_quantizer: Optional[LayerQuantizer] = None) -> QuantReport:
     """Quantize every ``nn.Linear`` in the decoder blocks of ``model`` in place; return a :class:`QuantReport`.
@@ -149,7 +172,8 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
         bits: average code bits per weight in [2, 4]; ``effective_bits`` in the report adds the overheads.
         tokenizer: needed when ``calibration`` is text.
         n_samples, seq_len, seed: calibration windows (count, length, which ones).
-        allocator: ``"cmpq"`` or ``"greedy"`` (per layer); ``budget="global"`` needs ``"greedy"``.
+        allocator: ``"greedy"`` (default: estimated error, any 2/3/4 mix; lower perplexity in every
+            measured run) or ``"cmpq"`` (the paper's salience rule); ``budget="global"`` needs ``"greedy"``.
         error_feedback: GPTQ-style error feedback on the fitted codebooks (records ``X^T X`` per layer).
         budget: ``"layer"`` (every layer meets ``bits``) or ``"global"`` (the model-wide average does;
             allocated from the FP model's statistics in one extra pass).
@@ -171,7 +195,12 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     start = time.perf_counter()
     ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
     path, blocks = find_blocks(model)
+    # Every check that can fail runs before the first layer is replaced: no half-quantized model on error.
     _check_linears(linear_layers(blocks, f"{path}."))
+    if quantize_lm_head:
+        _output_projection(model)
+    _check_finite(model)
+    _check_token_ids(model, ids)
     widths: dict[str, torch.Tensor] = {}
     if budget == "global":
         fp_stats = calibrate(model, [ids], n_samples=n_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
@@ -206,14 +235,20 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     return QuantReport(bits, records, times, settings)
 
 
-def _quantize_lm_head(model: nn.Module, ids: torch.Tensor, bits: float, quantizer: LayerQuantizer,
-                      hessian: bool, batch_size: int, records: list[dict]) -> None:
-    """Quantize the output projection from its inputs under the already-quantized blocks (a full forward)."""
+def _output_projection(model: nn.Module) -> tuple[str, nn.Linear]:
+    """``(name, module)`` of the output projection, or ``ValueError`` when CMPQ cannot quantize it."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"quantize_lm_head: output projection is {type(head).__name__}, not nn.Linear")
     name = next(n for n, m in model.named_modules() if m is head)
     _check_linears({name: head})
+    return name, head
+
+
+def _quantize_lm_head(model: nn.Module, ids: torch.Tensor, bits: float, quantizer: LayerQuantizer,
+                      hessian: bool, batch_size: int, records: list[dict]) -> None:
+    """Quantize the output projection from its inputs under the already-quantized blocks (a full forward)."""
+    name, head = _output_projection(model)
     acc = StatsAccumulator(head.in_features, hessian)
     handle = head.register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
     device = head.weight.device

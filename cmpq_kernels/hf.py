@@ -1,0 +1,304 @@
+"""Load CMPQ checkpoints through Hugging Face ``from_pretrained`` (a registered transformers quantizer).
+
+``import cmpq_kernels.hf`` registers the quantization method ``"cmpq"`` with transformers, after which::
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+
+loads a directory written by :func:`cmpq_kernels.save_quantized` into the same model as
+:func:`cmpq_kernels.load_quantized` (same :class:`~cmpq_kernels.nn.CMPQLinear` modules, bit-identical logits).
+Registration happens on import because transformers dispatches on ``config.json``'s
+``quantization_config.quant_method`` inside ``from_pretrained``, before any user code can run; :func:`register`
+is the explicit, idempotent form of the same thing. ``import cmpq_kernels`` alone does not import transformers.
+
+How a load goes (transformers' quantizer hooks, :class:`CMPQHfQuantizer`):
+
+0. ``update_attn_implementation`` (sees the config before ``dtype="auto"`` is settled): a config.json without
+   ``dtype`` gets load_quantized's choice (most common dtype of the non-CMPQ floating tensors) instead of
+   transformers' "first floating tensor in the file", which can be an fp16 codebook.
+1. ``_process_model_before_weight_loading`` (model still on the meta device): checks ``quant_method`` /
+   ``format_version`` / ``modules`` (:func:`~cmpq_kernels.checkpoint.read_quantization_config`), the weights
+   file's SHA-256 against ``quantization_config.weights_sha256``, and the safetensors *header* (every field of
+   every listed module present, no ``.cmpq.`` tensor of an unlisted module, each listed module an ``nn.Linear`` of
+   the recorded shape). Each listed linear is replaced by a meta-device placeholder whose buffers carry the
+   on-disk names (``<module>.cmpq.<field>``, ``<module>.bias``), shapes and dtypes, so transformers' loader fills
+   them like any other tensor: no key renaming, no casts of the packed tensors
+   (:meth:`CMPQHfQuantizer.get_new_dtype`; a bias follows the model's dtype), and no missing/unexpected-key warnings.
+   Weight ties that involve a quantized module (a quantized ``lm_head`` under ``tie_word_embeddings``) are dropped.
+2. ``_process_model_after_weight_loading``: each placeholder becomes a real :class:`CMPQLinear` built by the
+   same code as :func:`~cmpq_kernels.checkpoint.load_quantized` (``_layer_from_tensors``, which runs
+   :meth:`CMPQLayer.validate`); aliases listed in ``quantization_config.tied`` that transformers did not tie
+   itself are filled from their source.
+
+CPU/disk offload (a ``device_map`` mixing ``"cpu"``/``"disk"`` with accelerators) is refused; a multi-GPU map
+is untested.
+
+Failures raise ``ValueError`` (``FileNotFoundError`` for missing files) out of ``from_pretrained``. Never pickle:
+only the safetensors file is read. ``model.save_pretrained`` raises, pointing at
+:func:`cmpq_kernels.save_quantized` (the checkpoint's SHA-256 is computed over the written file, which
+``save_pretrained`` cannot record); ``save_quantized`` works on a model loaded this way.
+"""
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from typing import Any, Optional
+
+import torch
+from torch import nn
+# transformers is an optional dependency of the package; this module is the only one that needs it at import.
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils import logging as _hf_logging
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .checkpoint import (LAYER_FIELDS, QUANT_METHOD, WEIGHTS_NAME, _layer_from_tensors, _replace_module, check_target,
+                         model_dtype, read_header, read_quantization_config, verify_weights)
+from .nn import CMPQLinear
+
+__all__ = ["CMPQConfig", "CMPQHfQuantizer", "register"]
+
+logger = _hf_logging.get_logger(__name__)
+
+_SAVE_HINT = ("a CMPQ model is written with cmpq_kernels.save_quantized(model, directory) (the checkpoint records "
+              "the SHA-256 of the written weights file, which save_pretrained cannot do); load it back with "
+              "cmpq_kernels.load_quantized(directory) or AutoModelForCausalLM.from_pretrained(directory) after "
+              "`import cmpq_kernels.hf`")
+
+
+class CMPQConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a CMPQ checkpoint, held verbatim.
+
+    Every key written by :func:`cmpq_kernels.save_quantized` (``format_version``, ``modules``, ``tied``,
+    ``weights_sha256``, ``bits``, ``settings``, ...) becomes an attribute, and :meth:`to_dict` gives the same
+    dict back, so ``model.config.to_dict()`` round-trips. Validation happens when a checkpoint is loaded.
+    Constructing one for an unquantized model is refused by the quantizer: CMPQ needs calibration
+    (:func:`cmpq_kernels.quantize_model`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"CMPQConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        self.quant_method = QUANT_METHOD
+        self.__dict__.update(kwargs)
+
+
+class _PendingCMPQLinear(nn.Module):
+    """Meta-device stand-in for one quantized linear while transformers loads the weights.
+
+    Buffers are named as in the file (``cmpq.<field>``, ``bias``) with the file's shapes and dtypes, so the
+    loader assigns them directly. Replaced by a :class:`CMPQLinear` after loading; never run.
+    """
+
+    def __init__(self, entry: dict, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 bias: Optional[tuple[tuple[int, ...], torch.dtype]]) -> None:
+        super().__init__()
+        self.entry = entry
+        self.in_features, self.out_features = int(entry["in_features"]), int(entry["out_features"])
+        self.cmpq = nn.Module()
+        for field in LAYER_FIELDS:
+            shape, dtype = fields[field]
+            self.cmpq.register_buffer(field, torch.empty(shape, dtype=dtype, device="meta"))
+        self.register_buffer("bias", None if bias is None else torch.empty(bias[0], dtype=bias[1], device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - replaced before use
+        raise RuntimeError("CMPQ layer placeholder: from_pretrained did not finish loading this module")
+
+
+def _weights_path(checkpoint_files: Optional[list]) -> str:
+    if not checkpoint_files:
+        raise ValueError("CMPQ checkpoints load from a directory holding model.safetensors; "
+                         "from_pretrained found no checkpoint file (a state_dict= argument is not supported)")
+    if len(checkpoint_files) != 1 or not str(checkpoint_files[0]).endswith(".safetensors"):
+        raise ValueError(f"a CMPQ checkpoint is one {WEIGHTS_NAME} file (written by cmpq_kernels.save_quantized); "
+                         f"from_pretrained resolved {list(map(str, checkpoint_files))}")
+    return os.fspath(checkpoint_files[0])
+
+
+def _plain_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> torch.dtype:
+    return model_dtype(dtype for key, (_, dtype) in header.items() if ".cmpq." not in key)
+
+
+class CMPQHfQuantizer(HfQuantizer):
+    """transformers quantizer for pre-quantized CMPQ checkpoints (loading only; see the module docstring)."""
+
+    requires_calibration = True  # from_pretrained(..., quantization_config=CMPQConfig()) on an FP model is refused
+
+    def __init__(self, quantization_config: CMPQConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._qconfig: Optional[dict] = None
+        self._model_ref: Optional[weakref.ref] = None
+        self._dtype: Optional[torch.dtype] = None
+        self._dtype_unresolved = False
+        self._checked: Optional[tuple] = None
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        # Runs before from_pretrained settles dtype="auto". A config without "dtype" would make transformers read
+        # the file's header and take its first floating tensor, which may be a CMPQ fp16 codebook; use
+        # load_quantized's rule (the most common dtype of the plain floating tensors) instead, after checking the
+        # file (so a damaged header is reported as a SHA-256 mismatch, not as a transformers parse error). Hub ids
+        # (no local directory yet) are checked, with a warning, once the file is known.
+        if getattr(config, "dtype", None) is None:
+            path = os.path.join(os.fspath(getattr(config, "name_or_path", None) or ""), WEIGHTS_NAME)
+            if os.path.isfile(path):
+                self._check_file(path)
+                config.dtype = _plain_dtype(read_header(path))
+            else:
+                self._dtype_unresolved = True
+        return config
+
+    def _check_file(self, path: str) -> dict:
+        """quant_method / format_version / modules of the directory's config.json, and the file's SHA-256; once."""
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        if self._checked is None or self._checked[0] != key:
+            _, qconfig = read_quantization_config(os.path.dirname(path))
+            verify_weights(path, qconfig)
+            self._checked = (key, qconfig)
+        return self._checked[1]
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        self._dtype = dtype  # the model's dtype (from_pretrained's dtype=, or config.json's for "auto")
+        return dtype
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        _check_no_offload(device_map)  # an explicit map; one "auto" resolves to is checked after loading
+
+    def get_new_dtype(self, converter: Any, param: Any, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+        # Packed tensors load exactly as stored: a cast would change codebooks, outlier values or codes, and
+        # validate() rather than the loader must judge a wrong on-disk dtype. (A quantized module's bias is an
+        # ordinary float tensor: its placeholder has the model's dtype, so it is cast like every other weight.)
+        targets = getattr(converter, "_original_target_patterns", None) or getattr(converter, "target_patterns", [])
+        if self._qconfig is not None and any(self._is_cmpq_key(t) for t in targets):
+            return None
+        return super().get_new_dtype(converter, param, dtype)
+
+    def _is_cmpq_key(self, key: str) -> bool:
+        module, _, leaf = key.rpartition(".")
+        return leaf in LAYER_FIELDS and module.endswith(".cmpq") and module[:-len(".cmpq")] in self._qconfig["modules"]
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Optional[list] = None,
+                                             **kwargs: Any) -> nn.Module:
+        path = _weights_path(checkpoint_files)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{os.path.dirname(path)}: {WEIGHTS_NAME} is missing")
+        qconfig = self._check_file(path)
+        header = read_header(path)
+        if self._dtype_unresolved and self._dtype != _plain_dtype(header):
+            logger.warning(f"{path}: config.json has no dtype and the model was built as {self._dtype}; "
+                           f"cmpq_kernels.load_quantized would use {_plain_dtype(header)} (pass dtype=... to match)")
+        modules = qconfig["modules"]
+        for name, entry in modules.items():
+            check_target(model, name, entry)
+            missing = [f for f in LAYER_FIELDS if f"{name}.cmpq.{f}" not in header]
+            if missing:
+                raise ValueError(f"{name}: tensors missing from the checkpoint: {', '.join(missing)}")
+            bias = header.get(f"{name}.bias")
+            if bool(entry.get("bias")) != (bias is not None):
+                raise ValueError(f"{name}: config says bias={entry.get('bias')} but the file "
+                                 f"{'has' if bias is not None else 'lacks'} {name}.bias")
+            fields = {f: header[f"{name}.cmpq.{f}"] for f in LAYER_FIELDS}
+            model_dtype = self._dtype
+            if bias is not None and bias[1].is_floating_point and isinstance(model_dtype, torch.dtype) \
+                    and model_dtype.is_floating_point:
+                bias = (bias[0], model_dtype)  # a bias follows the model dtype (CMPQLinear; load_quantized().to())
+            _replace_module(model, name, _PendingCMPQLinear(entry, fields, bias))
+        stray = sorted(k for k in header if ".cmpq." in k and k.rpartition(".cmpq.")[0] not in modules)
+        if stray:
+            raise ValueError(f"tensors of modules not in quantization_config: {', '.join(stray[:5])}")
+        _untie_quantized(model, modules)
+        # Aliases save_quantized dropped (tied storage) that transformers does not tie itself are filled from
+        # their source after loading; keep them out of the missing-keys report.
+        untied = [alias for alias in qconfig.get("tied", {}) if alias not in _hf_tied_keys(model)]
+        if untied:
+            model._keys_to_ignore_on_load_missing = list(model._keys_to_ignore_on_load_missing or []) + [
+                rf"^{re.escape(alias)}$" for alias in untied]
+        self._qconfig = qconfig
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        qconfig = self._qconfig
+        if qconfig is None:  # pragma: no cover - transformers always runs the before-hook first
+            raise RuntimeError("CMPQ quantizer: weights were loaded without _process_model_before_weight_loading")
+        _check_no_offload(getattr(model, "hf_device_map", None))  # set by accelerate's dispatch_model
+        for name, entry in qconfig["modules"].items():
+            pending = model.get_submodule(name)
+            if not isinstance(pending, _PendingCMPQLinear):  # pragma: no cover
+                raise RuntimeError(f"{name}: expected the CMPQ placeholder, found {type(pending).__name__}")
+            tensors = {f"{name}.cmpq.{f}": getattr(pending.cmpq, f) for f in LAYER_FIELDS}
+            if pending.bias is not None:
+                tensors[f"{name}.bias"] = pending.bias
+            unloaded = sorted(k for k, t in tensors.items() if t.is_meta)
+            if unloaded:
+                raise ValueError(f"{name}: from_pretrained did not load {', '.join(unloaded)}")
+            module = CMPQLinear(_layer_from_tensors(name, entry, tensors))
+            hook = getattr(pending, "_hf_hook", None)  # accelerate hook of a multi-GPU map naming this module
+            if hook is not None:
+                from accelerate.hooks import add_hook_to_module
+
+                add_hook_to_module(module, hook)
+            _replace_module(model, name, module)
+        with torch.no_grad():
+            for alias, source in qconfig.get("tied", {}).items():
+                dst, src = model.get_parameter_or_buffer(alias), model.get_parameter_or_buffer(source)
+                if dst is not src and dst.data_ptr() != src.data_ptr():
+                    if dst.shape != src.shape:
+                        raise ValueError(f"tied {alias} -> {source}: shapes {tuple(dst.shape)} and {tuple(src.shape)}")
+                    dst.copy_(src)
+        self._model_ref = weakref.ref(model)
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is not None and getattr(model, "_hf_peft_config_loaded", False):
+            return False  # save_pretrained then saves only the adapters, which is fine
+        raise NotImplementedError(f"save_pretrained cannot write a CMPQ checkpoint: {_SAVE_HINT}")
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _check_no_offload(device_map: Any) -> None:
+    if isinstance(device_map, dict):
+        devices = {str(d) for d in device_map.values()}
+        if "disk" in devices or ("cpu" in devices and len(devices) > 1):
+            raise ValueError(f"CMPQ checkpoints do not support CPU/disk offload (device_map {device_map}); "
+                             "load onto one device (e.g. device_map='cuda', or none) or spread over GPUs only")
+
+
+def _untie_quantized(model: nn.Module, modules: dict) -> None:
+    """Drop transformers' weight ties that involve a quantized module (e.g. a quantized ``lm_head`` of a model whose
+    config still says ``tie_word_embeddings``): the module has no ``weight`` to tie, as after load_quantized."""
+    for prefix, sub in model.named_modules():
+        tied = getattr(sub, "all_tied_weights_keys", None)
+        if not isinstance(tied, dict):
+            continue
+        for target, source in list(tied.items()):
+            owners = (f"{prefix}.{key}" if prefix else key for key in (target, source))
+            if any(owner.rpartition(".")[0] in modules for owner in owners):
+                del tied[target]
+
+
+def _hf_tied_keys(model: nn.Module) -> set:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied) | set(tied.values())
+
+
+def register() -> None:
+    """Register ``quant_method "cmpq"`` (config + quantizer) with transformers. Idempotent; run on import."""
+    for mapping, registrar, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, CMPQConfig),
+                                    (AUTO_QUANTIZER_MAPPING, register_quantizer, CMPQHfQuantizer)):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is cls:
+            continue
+        if existing is None:
+            registrar(QUANT_METHOD)(cls)
+        elif getattr(existing, "__module__", None) == __name__:
+            mapping[QUANT_METHOD] = cls  # this module was re-imported (importlib.reload): replace the older copy
+        else:
+            raise RuntimeError(f"transformers already has a {QUANT_METHOD!r} quantization method "
+                               f"({existing.__module__}.{existing.__qualname__}); cannot register cmpq_kernels'")
+
+register()
