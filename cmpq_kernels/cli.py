@@ -345,9 +345,13 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     script = Path(__file__).resolve().parent.parent / "bench" / ("bench_gpu.py" if device == "cuda" else "bench_cpu.py")
     if not script.is_file():
         raise UsageError(f"{script} not found: the benchmarks ship with the source tree (git clone + pip install -e .)")
-    sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
-    return {"script": str(script), "args": args.bench_args}
+    passed = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    saved, sys.argv = sys.argv, [str(script), *passed]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return {"script": str(script), "args": passed}
 
 
 # ---- parser ---------------------------------------------------------------------------------------------

@@ -204,3 +204,9 @@ def test_quantize_refuses_existing_output(quantized, model_dir, texts, capsys):
     before = sorted(os.listdir(out))
     assert cli.main(["quantize", "--model", model_dir, "--calib", texts[0], "--out", out]) == 2
     assert "--overwrite" in capsys.readouterr().err and sorted(os.listdir(out)) == before
+
+
+def test_bench_runs_the_cpu_benchmark_script(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert cli.main(["bench", "--device", "cpu", "--", "--quick", "--out", str(out)]) == 0
+    assert (tmp_path / "quick.json").is_file() and "speedup" in capsys.readouterr().out
