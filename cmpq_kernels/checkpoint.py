@@ -292,6 +292,13 @@ def _layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]
         raise ValueError(f"{name}: {err}") from None
 
 
+def read_layers(directory: str, verify: bool = True) -> tuple[dict, dict[str, CMPQLayer]]:
+    """``(quantization_config, {module: CMPQLayer})`` of a checkpoint, every layer validated; no model is built."""
+    _, qconfig = read_quantization_config(directory)
+    tensors = _open_weights(directory, qconfig, verify)
+    return qconfig, {name: _layer_from_tensors(name, entry, tensors) for name, entry in qconfig["modules"].items()}
+
+
 def _segment_sizes(fields: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     """``seg_k`` implied by the packed code tensors, which must be ``[n, groups * bits]``."""
     sizes = []

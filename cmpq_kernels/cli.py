@@ -175,14 +175,6 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
 # ---- inspect --------------------------------------------------------------------------------------------
 
 
-def read_layers(directory: str, verify: bool = True) -> tuple[dict, dict[str, CMPQLayer]]:
-    """``(quantization_config, {module: CMPQLayer})`` of a checkpoint, every layer validated; no model is built."""
-    _, qconfig = checkpoint.read_quantization_config(directory)
-    tensors = checkpoint._open_weights(directory, qconfig, verify)
-    return qconfig, {name: checkpoint._layer_from_tensors(name, entry, tensors)
-                     for name, entry in qconfig["modules"].items()}
-
-
 def layer_rows(layers: dict[str, CMPQLayer]) -> list[dict]:
     """One summary dict per layer: shape, bit mix, outliers, effective bits, stored bytes."""
     rows = []
@@ -325,7 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict:
-    qconfig, layers = read_layers(args.directory, verify=not args.no_verify)
+    qconfig, layers = checkpoint.read_layers(args.directory, verify=not args.no_verify)
     rows = layer_rows(layers)
     print(rows_markdown(rows))
     sizes = checkpoint.checkpoint_bytes(args.directory)

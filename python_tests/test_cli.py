@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from cmpq_kernels import CMPQLinear, cli, load_quantized  # noqa: E402
+from cmpq_kernels import checkpoint  # noqa: E402
 from cmpq_kernels.checkpoint import checkpoint_bytes  # noqa: E402
 
 WORDS = ("the a river city market winter engineer quietly built bridges across old stone roads while "
@@ -160,7 +161,7 @@ def test_inspect_table_json_and_png(quantized, tmp_path, capsys):
 
 def test_channel_bits_follow_the_permutation(quantized):
     out, _ = quantized
-    _, layers = cli.read_layers(out)
+    _, layers = checkpoint.read_layers(out)
     layer = next(iter(layers.values()))
     per_channel = cli.channel_bits(layer, layer.k)  # one bin per channel: the exact width of each original channel
     widths = torch.cat([torch.full((s,), float(b)) for b, s in zip((4, 3, 2), layer.seg_k)])
