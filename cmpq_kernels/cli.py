@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import runpy
 import sys
 import time
@@ -221,7 +222,7 @@ def plot_bits(layers: dict[str, CMPQLayer], path: str, bins: int = 64) -> None:
     import matplotlib.pyplot as plt
 
     names = list(layers)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.18 * len(names)), 9), constrained_layout=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(min(16, max(8, 0.18 * len(names))), 9), constrained_layout=True)
     x = range(len(names))
     base = [0.0] * len(names)
     for s, (b, color) in enumerate(zip(SEGMENT_BITS, ("tab:green", "tab:orange", "tab:red"))):
@@ -232,8 +233,9 @@ def plot_bits(layers: dict[str, CMPQLayer], path: str, bins: int = 64) -> None:
     twin = top.twinx()
     twin.plot(x, [layers[n].effective_bits for n in names], "k.-", label="effective bits")
     twin.set_ylabel("effective bits")
-    top.set_xticks(list(x), [n.rsplit(".", 3)[-3] + "." + n.rsplit(".", 1)[-1] if n.count(".") >= 3 else n
-                             for n in names], rotation=90, fontsize=6)
+    step = -(-len(names) // 70)  # at most ~70 readable labels
+    top.set_xticks(list(x)[::step], [n.rsplit(".", 3)[-3] + "." + n.rsplit(".", 1)[-1] if n.count(".") >= 3 else n
+                                     for n in names][::step], rotation=90, fontsize=6)
     top.legend(loc="upper left", fontsize=7)
     twin.legend(loc="upper right", fontsize=7)
     image = torch.stack([channel_bits(layers[n], bins) for n in names]).numpy()
@@ -318,6 +320,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 def cmd_inspect(args: argparse.Namespace) -> dict:
     qconfig, layers = checkpoint.read_layers(args.directory, verify=not args.no_verify)
+    layers = {name: layers[name] for name in sorted(layers, key=_natural_key)}  # config.json keys are sorted as text
     rows = layer_rows(layers)
     print(rows_markdown(rows))
     sizes = checkpoint.checkpoint_bytes(args.directory)
@@ -330,6 +333,11 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         plot_bits(layers, args.png)
         print(f"wrote {args.png}")
     return {"layers": rows, "bytes": sizes, "quantization_config": {k: v for k, v in qconfig.items() if k != "modules"}}
+
+
+def _natural_key(name: str) -> list:
+    """``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
@@ -350,7 +358,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmpq", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cmpq", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = f"checkpoint dir, HF model dir, .gguf file, or one of: {', '.join(MODELS)}"
