@@ -79,6 +79,7 @@ from torch import nn
 
 from cmpq_kernels import CMPQLinear, reference
 from cmpq_kernels.eval import lee_split, load_gguf_model, perplexity
+from cmpq_kernels.nn import replace_module
 from cmpq_kernels.quantize import quantize_model
 from cmpq_kernels.quantize.calibrate import LayerStats
 from cmpq_kernels.quantize.gptq import quantize_with_feedback
@@ -179,8 +180,7 @@ def replace_block_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.
     from cmpq_kernels.quantize.calibrate import find_blocks, linear_layers
     path, blocks = find_blocks(model)
     for name, lin in linear_layers(blocks, f"{path}.").items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, make(name, lin))
+        replace_module(model, name, make(name, lin))
 
 
 def dense_like(linear: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
@@ -203,10 +203,9 @@ def densify(model: nn.Module) -> None:
     """Replace every CMPQLinear by an nn.Linear with its dequantized weight (fast CPU evaluation)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, CMPQLinear):
-            parent, _, child = name.rpartition(".")
             layer = module.layer
-            setattr(model.get_submodule(parent), child,
-                    dense_like(module, reference.dequantize(layer), None if layer.bias is None else layer.bias.float()))
+            replace_module(model, name, dense_like(module, reference.dequantize(layer),
+                                                   None if layer.bias is None else layer.bias.float()))
 
 
 def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict:

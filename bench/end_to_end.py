@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     text = cli.read_text("lee-test")
     calibration = cli.read_text("lee-train")
     model, tokenizer = load_gguf_model(args.model)
-    rows = [{"method": "fp32", "bits": 32.0, "effective_bits": 32.0, "file_bytes": cli.state_bytes(model),
+    rows = [{"method": "fp32", "bits": 32.0, "effective_bits": 32.0, "file_bytes": checkpoint.state_bytes(model),
              "quantized_bytes": None, **measure(model, tokenizer, text, args)}]
     print(rows[-1])
     for bits in args.bits:

@@ -21,28 +21,21 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Optional
+from typing import Any, Container, Iterable
 
 import torch
 from torch import nn
 
 from .format import FORMAT_VERSION, GROUP_CODES, SEGMENT_BITS, CMPQLayer
-from .nn import CMPQLinear
+from .nn import LAYER_FIELDS, CMPQLinear, layer_fields, replace_module
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "cmpq"
-#: on-disk field name -> how to read it from a CMPQLayer; codebooks and values are fp16 on disk.
-LAYER_FIELDS = ("perm", "codes4", "codes3", "codes2", "codebook4", "codebook3", "codebook2", "row_ptr", "col", "val")
-_SEGMENT_FIELDS = {f"codes{b}": s for s, b in enumerate(SEGMENT_BITS)}
-_CODEBOOK_FIELDS = {f"codebook{b}": s for s, b in enumerate(SEGMENT_BITS)}
 
 
 def _layer_tensors(layer: CMPQLayer) -> dict[str, torch.Tensor]:
-    fields = {"perm": layer.perm, "row_ptr": layer.row_ptr, "col": layer.col, "val": layer.val}
-    fields.update({name: layer.codes[s] for name, s in _SEGMENT_FIELDS.items()})
-    fields.update({name: layer.codebooks[s] for name, s in _CODEBOOK_FIELDS.items()})
-    return {name: fields[name].detach().cpu().contiguous() for name in LAYER_FIELDS}
+    return {name: t.detach().cpu().contiguous() for name, t in layer_fields(layer).items()}
 
 
 def quantized_modules(model: nn.Module) -> dict[str, CMPQLinear]:
@@ -58,9 +51,9 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _plain_tensors(model: nn.Module, quantized: dict[str, CMPQLinear]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The non-quantized state, each storage once; ``aliases`` maps a dropped name to the kept one (tied weights)."""
-    skip = tuple(f"{name}." for name in quantized)
+def _unique_state(model: nn.Module, skip: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict (keys not starting with ``skip``) with each storage once; ``aliases`` maps a dropped name to
+    the kept one (tied weights)."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -72,8 +65,13 @@ def _plain_tensors(model: nn.Module, quantized: dict[str, CMPQLinear]) -> tuple[
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        kept[key] = tensor.detach().cpu().contiguous()
+        kept[key] = tensor
     return kept, aliases
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors, each storage once (what a safetensors file of it holds, minus the header)."""
+    return sum(t.numel() * t.element_size() for t in _unique_state(model)[0].values())
 
 
 def _quantization_config(quantized: dict[str, CMPQLinear], report: Any, aliases: dict[str, str]) -> dict:
@@ -122,7 +120,8 @@ def save_quantized(model: nn.Module, directory: str, tokenizer: Any = None, repo
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-    tensors, aliases = _plain_tensors(model, quantized)
+    plain, aliases = _unique_state(model, tuple(f"{name}." for name in quantized))
+    tensors = {key: t.detach().cpu().contiguous() for key, t in plain.items()}
     for name, module in quantized.items():
         tensors.update({f"{name}.cmpq.{field}": t for field, t in _layer_tensors(module.layer).items()})
         if module.bias is not None:
@@ -266,15 +265,28 @@ def _open_weights(directory: str, qconfig: dict, verify: bool) -> dict[str, torc
         raise ValueError(f"{path}: unreadable safetensors file ({err})") from None
 
 
-def _layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> CMPQLayer:
-    missing = [f for f in LAYER_FIELDS if f"{name}.cmpq.{f}" not in tensors]
+def check_layer_keys(name: str, entry: dict, keys: Container[str]) -> None:
+    """The checkpoint's tensor names ``keys`` hold every field of module ``name``, and a bias iff ``entry`` says so."""
+    missing = [f for f in LAYER_FIELDS if f"{name}.cmpq.{f}" not in keys]
     if missing:
         raise ValueError(f"{name}: tensors missing from the checkpoint: {', '.join(missing)}")
+    has_bias = f"{name}.bias" in keys
+    if bool(entry.get("bias")) != has_bias:
+        raise ValueError(f"{name}: config says bias={entry.get('bias')} but the file "
+                         f"{'has' if has_bias else 'lacks'} {name}.bias")
+
+
+def check_no_stray(keys: Iterable[str], modules: Container[str]) -> None:
+    """No ``<module>.cmpq.<field>`` tensor belongs to a module missing from ``quantization_config.modules``."""
+    stray = sorted(k for k in keys if ".cmpq." in k and k.rpartition(".cmpq.")[0] not in modules)
+    if stray:
+        raise ValueError(f"tensors of modules not in quantization_config: {', '.join(stray[:5])}")
+
+
+def _layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> CMPQLayer:
+    check_layer_keys(name, entry, tensors)
     fields = {f: tensors.pop(f"{name}.cmpq.{f}") for f in LAYER_FIELDS}
     bias = tensors.pop(f"{name}.bias", None)
-    if bool(entry.get("bias")) != (bias is not None):
-        raise ValueError(f"{name}: config says bias={entry.get('bias')} but the file "
-                         f"{'has' if bias is not None else 'lacks'} {name}.bias")
     try:
         n, k = int(entry["out_features"]), int(entry["in_features"])
         seg_k = _segment_sizes(fields)
@@ -310,11 +322,6 @@ def _segment_sizes(fields: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _build_model(config: dict, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -344,12 +351,10 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
     config, qconfig = read_quantization_config(directory)
     tensors = _open_weights(directory, qconfig, verify)
     model = _build_model(config, model_dtype(t.dtype for k, t in tensors.items() if ".cmpq." not in k))
+    check_no_stray(tensors, qconfig["modules"])
     for name, entry in qconfig["modules"].items():
         check_target(model, name, entry)
-        _replace_module(model, name, CMPQLinear(_layer_from_tensors(name, entry, tensors)))
-    stray = sorted(k for k in tensors if ".cmpq." in k)
-    if stray:
-        raise ValueError(f"tensors of modules not in quantization_config: {', '.join(stray[:5])}")
+        replace_module(model, name, CMPQLinear(_layer_from_tensors(name, entry, tensors)))
     tied = qconfig.get("tied", {})
     for alias, source in tied.items():
         if source in tensors:

@@ -109,17 +109,6 @@ def pick_dtype(name: Optional[str], device: str) -> Optional[torch.dtype]:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's tensors, each storage once (what a safetensors file of it holds, minus the header)."""
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
 # ---- generate -------------------------------------------------------------------------------------------
 
 
@@ -260,7 +249,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     eval_text = read_text(args.eval) if args.eval else None
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model, tokenizer = load_model(args.model)
-    summary: dict[str, Any] = {"model": args.model, "fp_bytes": state_bytes(model)}
+    summary: dict[str, Any] = {"model": args.model, "fp_bytes": checkpoint.state_bytes(model)}
     if eval_text is not None:
         print("evaluating the FP model ...", file=sys.stderr)
         summary["fp_perplexity"] = perplexity(model, tokenizer, eval_text, args.eval_seq_len, args.eval_tokens)

@@ -52,9 +52,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils import logging as _hf_logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (LAYER_FIELDS, QUANT_METHOD, WEIGHTS_NAME, _layer_from_tensors, _replace_module, check_target,
-                         model_dtype, read_header, read_quantization_config, verify_weights)
-from .nn import CMPQLinear
+from .checkpoint import (QUANT_METHOD, WEIGHTS_NAME, _layer_from_tensors, check_layer_keys, check_no_stray,
+                         check_target, model_dtype, read_header, read_quantization_config, verify_weights)
+from .nn import LAYER_FIELDS, CMPQLinear, replace_module
 
 __all__ = ["CMPQConfig", "CMPQHfQuantizer", "register"]
 
@@ -191,22 +191,15 @@ class CMPQHfQuantizer(HfQuantizer):
         modules = qconfig["modules"]
         for name, entry in modules.items():
             check_target(model, name, entry)
-            missing = [f for f in LAYER_FIELDS if f"{name}.cmpq.{f}" not in header]
-            if missing:
-                raise ValueError(f"{name}: tensors missing from the checkpoint: {', '.join(missing)}")
+            check_layer_keys(name, entry, header)
             bias = header.get(f"{name}.bias")
-            if bool(entry.get("bias")) != (bias is not None):
-                raise ValueError(f"{name}: config says bias={entry.get('bias')} but the file "
-                                 f"{'has' if bias is not None else 'lacks'} {name}.bias")
             fields = {f: header[f"{name}.cmpq.{f}"] for f in LAYER_FIELDS}
             model_dtype = self._dtype
             if bias is not None and bias[1].is_floating_point and isinstance(model_dtype, torch.dtype) \
                     and model_dtype.is_floating_point:
                 bias = (bias[0], model_dtype)  # a bias follows the model dtype (CMPQLinear; load_quantized().to())
-            _replace_module(model, name, _PendingCMPQLinear(entry, fields, bias))
-        stray = sorted(k for k in header if ".cmpq." in k and k.rpartition(".cmpq.")[0] not in modules)
-        if stray:
-            raise ValueError(f"tensors of modules not in quantization_config: {', '.join(stray[:5])}")
+            replace_module(model, name, _PendingCMPQLinear(entry, fields, bias))
+        check_no_stray(header, modules)
         _untie_quantized(model, modules)
         # Aliases save_quantized dropped (tied storage) that transformers does not tie itself are filled from
         # their source after loading; keep them out of the missing-keys report.
@@ -238,7 +231,7 @@ class CMPQHfQuantizer(HfQuantizer):
                 from accelerate.hooks import add_hook_to_module
 
                 add_hook_to_module(module, hook)
-            _replace_module(model, name, module)
+            replace_module(model, name, module)
         with torch.no_grad():
             for alias, source in qconfig.get("tied", {}).items():
                 dst, src = model.get_parameter_or_buffer(alias), model.get_parameter_or_buffer(source)

@@ -9,7 +9,19 @@ from torch import nn
 from . import ops
 from .format import FORMAT_VERSION, GROUP_CODES, SEGMENT_BITS, CMPQLayer
 
-_FIELDS = ("perm", "codes4", "codes3", "codes2", "codebook4", "codebook3", "codebook2", "row_ptr", "col", "val")
+#: the packed tensors of a layer, by the names CMPQLinear buffers and checkpoint tensors (``<module>.cmpq.<field>``) use.
+LAYER_FIELDS = ("perm", "codes4", "codes3", "codes2", "codebook4", "codebook3", "codebook2", "row_ptr", "col", "val")
+
+
+def layer_fields(layer: CMPQLayer) -> dict[str, torch.Tensor]:
+    """The packed tensors of ``layer`` by :data:`LAYER_FIELDS` name (no copy)."""
+    return dict(zip(LAYER_FIELDS, (layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col, layer.val)))
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted path ``name`` inside ``root`` (e.g. ``model.layers.0.mlp.up_proj``)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 class CMPQLinear(nn.Module):
@@ -31,10 +43,8 @@ class CMPQLinear(nn.Module):
         self.bits = layer.bits
         self.codebook_rows = layer.codebook_rows
         self.format_version = layer.format_version
-        tensors = (layer.perm, *layer.codes, *(cb.view(torch.int16) for cb in layer.codebooks), layer.row_ptr,
-                   layer.col, layer.val.view(torch.int16))
-        for name, tensor in zip(_FIELDS, tensors):
-            self.register_buffer(name, tensor)
+        for name, tensor in layer_fields(layer).items():  # fp16 codebooks / values as their int16 bit patterns
+            self.register_buffer(name, tensor.view(torch.int16) if tensor.dtype == torch.float16 else tensor)
         self.register_buffer("bias", layer.bias)
 
     @property

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..format import GROUP_CODES
-from ..nn import CMPQLinear
+from ..nn import CMPQLinear, replace_module
 from .allocate import channel_scores, check_bits, group_upgrade_gains, select_upgrades, widths_from_upgrades
 from .calibrate import (Calibration, LayerStats, StatsAccumulator, block_stats, calibrate, calibration_ids,
                         capture_block_inputs, find_blocks, linear_layers, run_block)
@@ -111,11 +111,6 @@ def cmpq_layer_quantizer(bits: float, *, allocator: str = "greedy", error_feedba
     return quantize
 
 
-def _replace(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def _check_linears(linears: dict[str, nn.Linear]) -> None:
     for name, lin in linears.items():
         if lin.in_features % GROUP_CODES:
@@ -151,7 +146,7 @@ def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dic
             module, info = quantizer(name, lin, stats[name], widths.get(name))
         except ValueError as err:  # say which layer: the quantizer sees only a weight and its statistics
             raise ValueError(f"{name}: {err}") from err
-        _replace(root, name, module)
+        replace_module(root, name, module)
         records.append({"name": name, "shape": [lin.out_features, lin.in_features], "bits": bits, **info,
                         "seconds": time.perf_counter() - start})
 
