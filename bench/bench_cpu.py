@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import cmpq_kernels
 from cmpq_kernels import ops
 from cmpq_kernels.format import CMPQLayer
-from cmpq_kernels.standin import quantize_standin
+from cmpq_kernels.quantize import quantize_standin
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 BATCHES = (1, 4, 16, 64)

@@ -107,7 +107,7 @@ except ImportError:  # not installed: run from a source checkout with in-place b
     import cmpq_kernels
 from cmpq_kernels import ops, reference
 from cmpq_kernels.format import GROUP_CODES, SEGMENT_BITS, CMPQLayer
-from cmpq_kernels.standin import segment_sizes
+from cmpq_kernels.quantize.allocate import segment_sizes
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672), (151936, 896))
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)

@@ -1,6 +1,6 @@
 """End-to-end benchmark: FP32 vs CMPQ checkpoints of a real model through the whole product path.
 
-For each ``--bits``: load the FP32 model (offline GGUF of DESIGN §5), ``quantize_model`` with the CLI's
+For each ``--bits``: load the FP32 model (offline GGUF of docs/DESIGN.md §5), ``quantize_model`` with the CLI's
 defaults, ``save_quantized`` to a temporary directory, ``load_quantized`` it back (the numbers below are of
 the *reloaded* model, so they include the checkpoint round trip), then measure perplexity and generation.
 
@@ -37,8 +37,11 @@ from pathlib import Path
 import torch
 
 import cmpq_kernels
-from cmpq_kernels import checkpoint, cli
-from cmpq_kernels.eval import load_gguf_model, perplexity
+from cmpq_kernels import checkpoint
+from cmpq_kernels.corpora import read_text
+from cmpq_kernels.generation import generate
+from cmpq_kernels.models import load_gguf_model
+from cmpq_kernels.perplexity import perplexity
 from cmpq_kernels.quantize import quantize_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -47,16 +50,16 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 def measure(model, tokenizer, text: str, args: argparse.Namespace) -> dict:
     """Perplexity and generation speed of one model."""
     ppl = perplexity(model, tokenizer, text, args.seq_len, args.eval_tokens)
-    cli.generate(model, tokenizer, args.prompt, 4, echo=False)  # warm-up: first-call allocations, lazy init
-    runs = [cli.generate(model, tokenizer, args.prompt, args.new_tokens, echo=False) for _ in range(args.gen_reps)]
+    generate(model, tokenizer, args.prompt, 4, echo=False)  # warm-up: first-call allocations, lazy init
+    runs = [generate(model, tokenizer, args.prompt, args.new_tokens, echo=False) for _ in range(args.gen_reps)]
     return {"perplexity": ppl, "sample": runs[0]["text"],
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs)}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    text = cli.read_text("lee-test")
-    calibration = cli.read_text("lee-train")
+    text = read_text("lee-test")
+    calibration = read_text("lee-train")
     model, tokenizer = load_gguf_model(args.model)
     rows = [{"method": "fp32", "bits": 32.0, "effective_bits": 32.0, "file_bytes": checkpoint.state_bytes(model),
              "quantized_bytes": None, **measure(model, tokenizer, text, args)}]

@@ -1,4 +1,4 @@
-"""Save and load CMPQ-quantized Hugging Face causal LMs: safetensors + ``quantization_config`` (DESIGN §2).
+"""Save and load CMPQ-quantized Hugging Face causal LMs: safetensors + ``quantization_config`` (docs/DESIGN.md §2).
 
 A checkpoint is a directory::
 
@@ -26,24 +26,16 @@ from typing import Any, Container, Iterable
 import torch
 from torch import nn
 
-from .format import FORMAT_VERSION, GROUP_CODES, SEGMENT_BITS, CMPQLayer
-from .nn import LAYER_FIELDS, CMPQLinear, layer_fields, replace_module
+from .format import FORMAT_VERSION, LAYER_FIELDS, CMPQLayer
+from .nn import CMPQLinear
+from .surgery import quantized_modules, replace_module
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "cmpq"
 
 
-def _layer_tensors(layer: CMPQLayer) -> dict[str, torch.Tensor]:
-    return {name: t.detach().cpu().contiguous() for name, t in layer_fields(layer).items()}
-
-
-def quantized_modules(model: nn.Module) -> dict[str, CMPQLinear]:
-    """Every :class:`CMPQLinear` in ``model`` by dotted name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, CMPQLinear)}
-
-
-def _sha256(path: str) -> str:
+def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -123,7 +115,8 @@ def save_quantized(model: nn.Module, directory: str, tokenizer: Any = None, repo
     plain, aliases = _unique_state(model, tuple(f"{name}." for name in quantized))
     tensors = {key: t.detach().cpu().contiguous() for key, t in plain.items()}
     for name, module in quantized.items():
-        tensors.update({f"{name}.cmpq.{field}": t for field, t in _layer_tensors(module.layer).items()})
+        tensors.update({f"{name}.cmpq.{field}": t.detach().cpu().contiguous()
+                        for field, t in module.layer.fields().items()})
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
     qconfig = _quantization_config(quantized, report, aliases)
@@ -134,7 +127,7 @@ def save_quantized(model: nn.Module, directory: str, tokenizer: Any = None, repo
         weights_path = os.path.join(staging, WEIGHTS_NAME)
         save_file(tensors, weights_path, metadata={"format": "pt", "quant_method": QUANT_METHOD,
                                                    "format_version": str(FORMAT_VERSION)})
-        qconfig["weights_sha256"] = _sha256(weights_path)
+        qconfig["weights_sha256"] = sha256_of(weights_path)
         config = model.config.to_dict()
         # Without "dtype", transformers' from_pretrained(dtype="auto") takes the file's first floating tensor,
         # which can be a CMPQ fp16 codebook: record the dtype load_quantized builds the model in.
@@ -232,7 +225,7 @@ def verify_weights(path: str, qconfig: dict) -> None:
     if not isinstance(expected, str):
         raise ValueError(f"{os.path.dirname(path)}: quantization_config has no weights_sha256 "
                          "(load_quantized(..., verify=False) skips the check)")
-    if _sha256(path) != expected:
+    if sha256_of(path) != expected:
         raise ValueError(f"{path}: SHA-256 does not match quantization_config.weights_sha256: the file is "
                          "truncated, corrupted or was modified after saving")
 
@@ -283,21 +276,16 @@ def check_no_stray(keys: Iterable[str], modules: Container[str]) -> None:
         raise ValueError(f"tensors of modules not in quantization_config: {', '.join(stray[:5])}")
 
 
-def _layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> CMPQLayer:
+def layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> CMPQLayer:
+    """The validated layer of module ``name`` (popped from ``tensors``), as ``quantization_config.modules[name]``
+    (``entry``) describes it; ``ValueError`` naming the module and the problem otherwise."""
     check_layer_keys(name, entry, tensors)
     fields = {f: tensors.pop(f"{name}.cmpq.{f}") for f in LAYER_FIELDS}
     bias = tensors.pop(f"{name}.bias", None)
     try:
-        n, k = int(entry["out_features"]), int(entry["in_features"])
-        seg_k = _segment_sizes(fields)
-        if sum(seg_k) != k:
-            raise ValueError(f"codes4/codes3/codes2: hold {sum(seg_k)} packed channels, in_features is {k}")
-        layer = CMPQLayer(n=n, k=k, bits=float(entry["bits"]), seg_k=seg_k, perm=fields["perm"],  # type: ignore[arg-type]
-                          codes=tuple(fields[f"codes{b}"] for b in SEGMENT_BITS),  # type: ignore[arg-type]
-                          codebooks=tuple(fields[f"codebook{b}"] for b in SEGMENT_BITS),  # type: ignore[arg-type]
-                          row_ptr=fields["row_ptr"], col=fields["col"], val=fields["val"], bias=bias,
-                          codebook_rows=int(entry["codebook_rows"]))
-        return layer.validate()
+        return CMPQLayer.from_fields(fields, n=int(entry["out_features"]), k=int(entry["in_features"]),
+                                     bits=float(entry["bits"]), codebook_rows=int(entry["codebook_rows"]),
+                                     bias=bias).validate()
     except (KeyError, TypeError) as err:
         raise ValueError(f"{name}: bad quantization_config entry {entry!r} ({err})") from None
     except ValueError as err:
@@ -308,18 +296,7 @@ def read_layers(directory: str, verify: bool = True) -> tuple[dict, dict[str, CM
     """``(quantization_config, {module: CMPQLayer})`` of a checkpoint, every layer validated; no model is built."""
     _, qconfig = read_quantization_config(directory)
     tensors = _open_weights(directory, qconfig, verify)
-    return qconfig, {name: _layer_from_tensors(name, entry, tensors) for name, entry in qconfig["modules"].items()}
-
-
-def _segment_sizes(fields: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-    """``seg_k`` implied by the packed code tensors, which must be ``[n, groups * bits]``."""
-    sizes = []
-    for bits in SEGMENT_BITS:
-        codes = fields[f"codes{bits}"]
-        if codes.dim() != 2 or codes.shape[1] % bits:  # else the sizes below would be silently rounded
-            raise ValueError(f"codes{bits}: shape must be [out_features, groups * {bits}], got {tuple(codes.shape)}")
-        sizes.append(codes.shape[1] // bits * GROUP_CODES)
-    return tuple(sizes)  # type: ignore[return-value]
+    return qconfig, {name: layer_from_tensors(name, entry, tensors) for name, entry in qconfig["modules"].items()}
 
 
 def _build_model(config: dict, dtype: torch.dtype) -> nn.Module:
@@ -354,20 +331,32 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
     check_no_stray(tensors, qconfig["modules"])
     for name, entry in qconfig["modules"].items():
         check_target(model, name, entry)
-        replace_module(model, name, CMPQLinear(_layer_from_tensors(name, entry, tensors)))
-    tied = qconfig.get("tied", {})
-    for alias, source in tied.items():
-        if source in tensors:
-            tensors[alias] = tensors[source]
+        replace_module(model, name, CMPQLinear(layer_from_tensors(name, entry, tensors)))
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:  # a plain tensor of the wrong shape
         raise ValueError(f"checkpoint does not match the model: {err}") from None
-    quantized_keys = {k for k in missing if k.rpartition(".")[0] in qconfig["modules"]}
-    missing = sorted(set(missing) - quantized_keys)
+    tied = qconfig.get("tied", {})
+    missing = sorted(k for k in missing if k.rpartition(".")[0] not in qconfig["modules"] and k not in tied)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fill_tied(model, tied)
     return model.eval().to(device)
+
+
+@torch.no_grad()
+def fill_tied(model: nn.Module, tied: dict[str, str]) -> None:
+    """Give every alias that :func:`save_quantized` dropped (``quantization_config.tied``: alias -> kept name) its
+    source's values, unless the model already ties the two."""
+    for alias, source in tied.items():
+        try:
+            dst, src = model.get_parameter_or_buffer(alias), model.get_parameter_or_buffer(source)
+        except AttributeError:
+            raise ValueError(f"quantization_config.tied: {alias} -> {source} names a tensor this model lacks") from None
+        if dst is not src and dst.data_ptr() != src.data_ptr():
+            if dst.shape != src.shape:
+                raise ValueError(f"tied {alias} -> {source}: shapes {tuple(dst.shape)} and {tuple(src.shape)}")
+            dst.copy_(src)
 
 
 #: safetensors header dtype -> torch dtype.

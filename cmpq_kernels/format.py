@@ -33,6 +33,27 @@ SEGMENT_BITS: tuple[int, int, int] = (4, 3, 2)
 MIN_BITS, MAX_BITS = 2.0, 4.0
 _INT16_MAX_K = 32767
 
+#: the packed tensors of a layer in op-argument order; CMPQLinear buffers and checkpoint tensors
+#: (``<module>.cmpq.<field>``) use these names, and ``torch.ops.cmpq.*`` take them in this order.
+LAYER_FIELDS = ("perm", "codes4", "codes3", "codes2", "codebook4", "codebook3", "codebook2", "row_ptr", "col", "val")
+
+
+def check_in_features(k: int) -> None:
+    """Raise ``ValueError`` unless ``k`` input channels can be packed (positive, a multiple of 32)."""
+    if k <= 0 or k % GROUP_CODES:
+        raise ValueError(f"in_features {k} is not a multiple of {GROUP_CODES} (or not positive): CMPQ packs channels "
+                         f"in groups of {GROUP_CODES}; pad the layer or leave it unquantized")
+
+
+def segment_sizes_of(codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[int, int, int]:
+    """``seg_k`` implied by packed code tensors ``[n, groups * bits]`` (memory order 4/3/2-bit)."""
+    sizes = []
+    for c, bits in zip(codes, SEGMENT_BITS):
+        if c.dim() != 2 or c.shape[1] % bits:  # else the sizes below would be silently rounded
+            raise ValueError(f"codes{bits}: shape must be [out_features, groups * {bits}], got {tuple(c.shape)}")
+        sizes.append(c.shape[1] // bits * GROUP_CODES)
+    return tuple(sizes)  # type: ignore[return-value]
+
 
 # ---- NumPy pack / unpack (twin of cmpq_layout.h) -----------------------------------------------------
 
@@ -199,8 +220,10 @@ class CMPQLayer:
             raise ValueError(f"format_version: this build reads version {FORMAT_VERSION}, got {self.format_version}")
         if self.n <= 0 or self.k <= 0:
             raise ValueError(f"n, k: must be positive, got n={self.n}, k={self.k}")
-        if self.k % GROUP_CODES:
-            raise ValueError(f"k: in_features {self.k} is not a multiple of {GROUP_CODES} (pad the layer)")
+        try:
+            check_in_features(self.k)
+        except ValueError as err:
+            raise ValueError(f"k: {err}") from None
         if not (math.isfinite(self.bits) and MIN_BITS <= self.bits <= MAX_BITS):
             raise ValueError(f"bits: target must be in [{MIN_BITS}, {MAX_BITS}], got {self.bits}")
         if self.codebook_rows < 1:
@@ -322,6 +345,24 @@ class CMPQLayer:
             val=move(self.val),
             bias=move(self.bias),
         )
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The packed tensors by :data:`LAYER_FIELDS` name, in op-argument order (no copy)."""
+        return dict(zip(LAYER_FIELDS, (self.perm, *self.codes, *self.codebooks, self.row_ptr, self.col, self.val)))
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, torch.Tensor], *, n: int, k: int, bits: float, codebook_rows: int,
+                    bias: Optional[torch.Tensor] = None) -> "CMPQLayer":
+        """Inverse of :meth:`fields` (``seg_k`` follows from the code shapes). Not validated: a module's forward
+        builds one per call, so loaders call :meth:`validate` themselves."""
+        codes = tuple(fields[f"codes{b}"] for b in SEGMENT_BITS)
+        seg_k = segment_sizes_of(codes)  # type: ignore[arg-type]
+        if sum(seg_k) != k:
+            raise ValueError(f"codes4/codes3/codes2: hold {sum(seg_k)} packed channels, in_features is {k}")
+        return cls(n=n, k=k, bits=float(bits), seg_k=seg_k, perm=fields["perm"], codes=codes,  # type: ignore[arg-type]
+                   codebooks=tuple(fields[f"codebook{b}"] for b in SEGMENT_BITS),  # type: ignore[arg-type]
+                   row_ptr=fields["row_ptr"], col=fields["col"], val=fields["val"], bias=bias,
+                   codebook_rows=codebook_rows)
 
     def unpacked_codes(self, segment: int) -> np.ndarray:
         """uint8 codes ``[n, seg_k[segment]]`` of one segment (NumPy unpack)."""

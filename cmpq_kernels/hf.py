@@ -52,9 +52,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils import logging as _hf_logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (QUANT_METHOD, WEIGHTS_NAME, _layer_from_tensors, check_layer_keys, check_no_stray,
-                         check_target, model_dtype, read_header, read_quantization_config, verify_weights)
-from .nn import LAYER_FIELDS, CMPQLinear, replace_module
+from .checkpoint import (QUANT_METHOD, WEIGHTS_NAME, check_layer_keys, check_no_stray, check_target, fill_tied,
+                         layer_from_tensors, model_dtype, read_header, read_quantization_config, verify_weights)
+from .format import LAYER_FIELDS
+from .nn import CMPQLinear
+from .surgery import replace_module
 
 __all__ = ["CMPQConfig", "CMPQHfQuantizer", "register"]
 
@@ -225,20 +227,14 @@ class CMPQHfQuantizer(HfQuantizer):
             unloaded = sorted(k for k, t in tensors.items() if t.is_meta)
             if unloaded:
                 raise ValueError(f"{name}: from_pretrained did not load {', '.join(unloaded)}")
-            module = CMPQLinear(_layer_from_tensors(name, entry, tensors))
+            module = CMPQLinear(layer_from_tensors(name, entry, tensors))
             hook = getattr(pending, "_hf_hook", None)  # accelerate hook of a multi-GPU map naming this module
             if hook is not None:
                 from accelerate.hooks import add_hook_to_module
 
                 add_hook_to_module(module, hook)
             replace_module(model, name, module)
-        with torch.no_grad():
-            for alias, source in qconfig.get("tied", {}).items():
-                dst, src = model.get_parameter_or_buffer(alias), model.get_parameter_or_buffer(source)
-                if dst is not src and dst.data_ptr() != src.data_ptr():
-                    if dst.shape != src.shape:
-                        raise ValueError(f"tied {alias} -> {source}: shapes {tuple(dst.shape)} and {tuple(src.shape)}")
-                    dst.copy_(src)
+        fill_tied(model, qconfig.get("tied", {}))
         self._model_ref = weakref.ref(model)
         return model
 

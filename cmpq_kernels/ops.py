@@ -10,13 +10,14 @@ from typing import Optional
 
 import torch
 
-from .format import FORMAT_VERSION, CMPQLayer
+from .format import FORMAT_VERSION, LAYER_FIELDS, SEGMENT_BITS, CMPQLayer
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _layer_args(layer: CMPQLayer) -> tuple:
-    return (layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col, layer.val)
+    """The layer's packed tensors in the ops' argument order (:data:`LAYER_FIELDS`)."""
+    return tuple(layer.fields().values())
 
 
 def check_activation(x: torch.Tensor, layer: CMPQLayer) -> None:
@@ -65,35 +66,43 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.ops.cmpq.unpack_codes(words, bits)
 
 
-def _n_and_k(perm: torch.Tensor, row_ptr: torch.Tensor) -> tuple[int, int]:
-    return row_ptr.shape[0] - 1, perm.shape[0]
+def _split_fields(name: str, args: tuple) -> tuple[dict[str, torch.Tensor], tuple]:
+    """Op arguments after the activation -> (packed tensors by :data:`LAYER_FIELDS` name, the remaining arguments)."""
+    fields = dict(zip(LAYER_FIELDS, args))
+    n, k = fields["row_ptr"].shape[0] - 1, fields["perm"].shape[0]
+    for bits in SEGMENT_BITS:
+        codes = fields[f"codes{bits}"]
+        torch._check(codes.dim() == 2 and codes.shape[0] == n,
+                     lambda: f"cmpq.{name}: {bits}-bit codes must have n={n} rows, got {tuple(codes.shape)}")
+    return {"n": n, "k": k, **fields}, args[len(LAYER_FIELDS):]
 
 
+def _check_version(name: str, format_version: int) -> None:
+    torch._check(format_version == FORMAT_VERSION, lambda: f"cmpq.{name}: unsupported format_version {format_version}")
+
+
+# The fake (meta) implementations take the schema's arguments positionally: x, then LAYER_FIELDS, then the rest.
 @torch.library.register_fake("cmpq::gemm")
-def _gemm_fake(x, perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val, bias,
-               codebook_rows, format_version):
-    n, k = _n_and_k(perm, row_ptr)
-    torch._check(format_version == FORMAT_VERSION, lambda: f"cmpq.gemm: unsupported format_version {format_version}")
+def _gemm_fake(x, *args):
+    layer, (bias, _codebook_rows, format_version) = _split_fields("gemm", args)
+    n, k = layer["n"], layer["k"]
+    _check_version("gemm", format_version)
     torch._check(x.dtype in ACTIVATION_DTYPES, lambda: f"cmpq.gemm: x must be float32/float16/bfloat16, got {x.dtype}")
     torch._check(x.dim() == 2, lambda: f"cmpq.gemm: x must be 2-D [m, k], got {tuple(x.shape)}")
     torch._check(x.shape[1] == k, lambda: f"cmpq.gemm: x has {x.shape[1]} features but the layer has k={k}")
-    for codes, bits in ((codes4, 4), (codes3, 3), (codes2, 2)):
-        torch._check(codes.dim() == 2 and codes.shape[0] == n,
-                     lambda: f"cmpq.gemm: {bits}-bit codes must have n={n} rows, got {tuple(codes.shape)}")
     if bias is not None:
         torch._check(bias.shape == (n,), lambda: f"cmpq.gemm: bias must be [{n}], got {tuple(bias.shape)}")
     return x.new_empty((x.shape[0], n))
 
 
 @torch.library.register_fake("cmpq::dequantize")
-def _dequantize_fake(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                     codebook_rows, format_version, dtype):
-    n, k = _n_and_k(perm, row_ptr)
-    torch._check(format_version == FORMAT_VERSION, lambda: f"cmpq.dequantize: unsupported format_version {format_version}")
-    return perm.new_empty((n, k), dtype=dtype)
+def _dequantize_fake(*args):
+    layer, (_codebook_rows, format_version, dtype) = _split_fields("dequantize", args)
+    _check_version("dequantize", format_version)
+    return layer["perm"].new_empty((layer["n"], layer["k"]), dtype=dtype)
 
 
 @torch.library.register_fake("cmpq::unpack_codes")
 def _unpack_codes_fake(words, bits):
-    torch._check(bits in (2, 3, 4), lambda: f"cmpq.unpack_codes: bits must be 2, 3 or 4, got {bits}")
+    torch._check(bits in SEGMENT_BITS, lambda: f"cmpq.unpack_codes: bits must be 2, 3 or 4, got {bits}")
     return words.new_empty((words.shape[0], words.shape[1] // bits * 32), dtype=torch.uint8)

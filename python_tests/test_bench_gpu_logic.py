@@ -29,7 +29,8 @@ import torch
 
 from cmpq_kernels import ops, reference
 from cmpq_kernels.format import SEGMENT_BITS
-from cmpq_kernels.standin import quantize_standin, segment_sizes
+from cmpq_kernels.quantize import quantize_standin
+from cmpq_kernels.quantize.allocate import segment_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_gpu.py")

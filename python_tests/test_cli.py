@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from cmpq_kernels import CMPQLinear, cli, load_quantized  # noqa: E402
+from cmpq_kernels import CMPQLinear, cli, inspection, load_quantized  # noqa: E402
 from cmpq_kernels import checkpoint  # noqa: E402
 from cmpq_kernels.checkpoint import checkpoint_bytes  # noqa: E402
 
@@ -104,7 +104,7 @@ def test_eval_matches_python_api(quantized, texts, tmp_path):
                      "--json", result_path]) == 0
     with open(result_path, encoding="utf-8") as f:
         result = json.load(f)
-    from cmpq_kernels.eval import perplexity
+    from cmpq_kernels.perplexity import perplexity
 
     model = load_quantized(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
@@ -163,7 +163,7 @@ def test_channel_bits_follow_the_permutation(quantized):
     out, _ = quantized
     _, layers = checkpoint.read_layers(out)
     layer = next(iter(layers.values()))
-    per_channel = cli.channel_bits(layer, layer.k)  # one bin per channel: the exact width of each original channel
+    per_channel = inspection.channel_bits(layer, layer.k)  # one bin per channel: the exact width of each original channel
     widths = torch.cat([torch.full((s,), float(b)) for b, s in zip((4, 3, 2), layer.seg_k)])
     assert torch.equal(per_channel[layer.perm.long()], widths)
 
@@ -187,7 +187,7 @@ def test_loaded_model_matches_and_compiles(quantized):
     (["quantize", "--model", "{model}", "--bits", "3", "--calib", "{empty}", "--out", "{out}"], "empty"),
     (["quantize", "--model", "no/such-model", "--bits", "3", "--calib", "{calib}", "--out", "{out}"], "no/such-model"),
     (["eval", "--model", "{model}", "--text", "missing.txt"], "missing.txt"),
-    (["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
     (["inspect", "{model}"], "cmpq"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, model_dir, texts, tmp_path, capsys):

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import cmpq_kernels  # noqa: E402
 import cmpq_kernels.hf  # noqa: E402,F401  (registers quant_method "cmpq")
 from cmpq_kernels import CMPQLinear  # noqa: E402
-from cmpq_kernels.checkpoint import _sha256  # noqa: E402
+from cmpq_kernels.checkpoint import sha256_of  # noqa: E402
 
 VOCAB = 256
 # name -> (LlamaConfig overrides, quantize_model options)
@@ -168,7 +168,7 @@ def rewrite(directory, edit):
     edit(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"]["weights_sha256"] = _sha256(str(path))
+    config["quantization_config"]["weights_sha256"] = sha256_of(str(path))
     (directory / "config.json").write_text(json.dumps(config))
 
 

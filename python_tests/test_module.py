@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmpq_kernels import CMPQLinear, reference
+from cmpq_kernels import CMPQLinear, quantize_linear, reference
 from conftest import TOLERANCES, assert_matches_reference, make_layer, norm_rel_error, random_x
 
 K, N = 256, 100
@@ -22,11 +22,11 @@ def make_linear(seed: int = 0) -> nn.Linear:
 def modules() -> dict[float, CMPQLinear]:
     """The same nn.Linear quantized at 2.5 and 4 bits (quantizing is the slow part, so once per module)."""
     linear = make_linear()
-    return {bits: CMPQLinear.from_linear(linear, bits=bits) for bits in (2.5, 4.0)}
+    return {bits: quantize_linear(linear, bits=bits) for bits in (2.5, 4.0)}
 
 
 @pytest.mark.parametrize("bits", [2.5, 4.0])
-def test_from_linear_matches_reference(modules, bits):
+def test_quantize_linear_matches_reference(modules, bits):
     module = modules[bits]
     assert (module.in_features, module.out_features, module.bits) == (K, N, bits)
     assert module.layer.code_bits == pytest.approx(bits, abs=32 / K)
@@ -42,18 +42,18 @@ def test_more_bits_approximate_the_linear_better(modules):
     assert errors[4.0] < errors[2.5] < 0.5, errors
 
 
-def test_from_linear_keeps_bias_and_rejects_other_modules():
+def test_quantize_linear_keeps_bias_and_rejects_other_modules():
     linear = make_linear()
-    assert torch.equal(CMPQLinear.from_linear(linear).bias, linear.bias.detach())
-    assert CMPQLinear.from_linear(nn.Linear(K, N, bias=False)).bias is None
+    assert torch.equal(quantize_linear(linear).bias, linear.bias.detach())
+    assert quantize_linear(nn.Linear(K, N, bias=False)).bias is None
     with pytest.raises(TypeError, match="expected nn.Linear"):
-        CMPQLinear.from_linear(nn.Conv1d(K, N, 1))
+        quantize_linear(nn.Conv1d(K, N, 1))
 
 
 def test_state_dict_round_trip(modules):
     """Loading into a module built from a *different* layer of the same shapes reproduces the outputs."""
     source = modules[2.5]
-    target = CMPQLinear.from_linear(make_linear(seed=1), bits=2.5)
+    target = quantize_linear(make_linear(seed=1), bits=2.5)
     x = random_x(5, K)
     assert not torch.equal(target(x), source(x))
     buffer = io.BytesIO()
@@ -117,7 +117,7 @@ def test_torch_compile_matches_eager(modules, backend):
         assert torch.equal(y, module(x))
 
 
-def test_from_linear_with_calibration_inputs_beats_the_standin():
+def test_quantize_linear_with_calibration_inputs_beats_the_standin():
     """Activations with a few loud channels: the calibrated quantizer must weight them and do better on them."""
     linear = make_linear(1)
     gen = torch.Generator().manual_seed(2)
@@ -126,8 +126,8 @@ def test_from_linear_with_calibration_inputs_beats_the_standin():
     x = torch.randn(1024, K, generator=gen) * scale
     with torch.no_grad():
         ref = linear(x)
-        standin = CMPQLinear.from_linear(linear, bits=2.5)
-        calibrated = CMPQLinear.from_linear(linear, bits=2.5, inputs=x[:512])
+        standin = quantize_linear(linear, bits=2.5)
+        calibrated = quantize_linear(linear, bits=2.5, inputs=x[:512])
         err = {name: float((m(x[512:]) - ref[512:]).norm() / ref[512:].norm())
                for name, m in (("standin", standin), ("calibrated", calibrated))}
     assert err["calibrated"] < 0.8 * err["standin"], err
@@ -135,13 +135,13 @@ def test_from_linear_with_calibration_inputs_beats_the_standin():
     assert calibrated.bias is not None and torch.equal(calibrated.bias, linear.bias.detach())
 
 
-def test_from_linear_passes_options_and_rejects_bad_inputs():
+def test_quantize_linear_passes_options_and_rejects_bad_inputs():
     linear = make_linear(3)
     x = torch.randn(256, K, generator=torch.Generator().manual_seed(4))
-    assert CMPQLinear.from_linear(linear, 3.0, x, codebook_rows=2, error_feedback=False).codebook_rows == 2
+    assert quantize_linear(linear, 3.0, x, codebook_rows=2, error_feedback=False).codebook_rows == 2
     with pytest.raises(ValueError, match="inputs"):
-        CMPQLinear.from_linear(linear, 3.0, torch.randn(10, K + 1))
+        quantize_linear(linear, 3.0, torch.randn(10, K + 1))
     with pytest.raises(ValueError, match="NaN"):
-        CMPQLinear.from_linear(linear, 3.0, torch.full((10, K), float("nan")))
+        quantize_linear(linear, 3.0, torch.full((10, K), float("nan")))
     with pytest.raises(TypeError, match="inputs="):
-        CMPQLinear.from_linear(linear, 3.0, codebook_rows=2)
+        quantize_linear(linear, 3.0, codebook_rows=2)

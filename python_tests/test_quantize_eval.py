@@ -1,4 +1,4 @@
-"""Perplexity evaluation (cmpq_kernels.eval) on tiny models: deterministic, FP and CMPQ alike."""
+"""Perplexity evaluation (cmpq_kernels.perplexity) on tiny models: deterministic, FP and CMPQ alike."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from cmpq_kernels.eval import find_gguf, perplexity  # noqa: E402
+from cmpq_kernels.models import find_gguf  # noqa: E402
+from cmpq_kernels.perplexity import perplexity  # noqa: E402
 from cmpq_kernels.quantize import quantize_model  # noqa: E402
 from test_quantize_model import VOCAB, calibration_tokens, tiny_llama  # noqa: E402
 

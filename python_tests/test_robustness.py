@@ -327,7 +327,7 @@ QUANTIZE_WEIGHT_ERRORS = [
     (dict(weight=W[0]), ValueError, r"weight must be 2-D \[out_features, in_features\]"),
     (dict(weight=W[:0]), ValueError, r"with out_features >= 1, got shape \(0, 64\)"),
     (dict(weight=W.numpy()), TypeError, "weight must be a torch.Tensor, got ndarray"),
-    (dict(weight=W[:, :48], s2=S2[:48]), ValueError, "in_features K=48 is not a multiple of 32"),
+    (dict(weight=W[:, :48], s2=S2[:48]), ValueError, "in_features 48 is not a multiple of 32"),
     (dict(s2=S2[:63]), ValueError, r"s2 must have one entry per input channel \(64\), got 63"),
     (dict(s2=torch.ones(65)), ValueError, r"s2 must have one entry per input channel \(64\), got 65"),
     (dict(s2=S2.masked_fill(S2 > 0, float("nan"))), ValueError, "s2 .* must be finite and non-negative"),
@@ -427,7 +427,7 @@ def rewrite_tensors(directory: str, change: Callable[[dict], Any]) -> None:
     tensors = load_file(weights(directory))
     change(tensors)
     save_file(tensors, weights(directory), metadata={"format": "pt"})
-    digest = checkpoint._sha256(weights(directory))
+    digest = checkpoint.sha256_of(weights(directory))
     edit_config(directory, lambda c: c["quantization_config"].__setitem__("weights_sha256", digest))
 
 

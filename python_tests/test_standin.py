@@ -4,13 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmpq_kernels import reference, standin
+from cmpq_kernels import reference
+from cmpq_kernels.quantize import standin
+from cmpq_kernels.quantize.allocate import segment_sizes
 
 
 @pytest.mark.parametrize("k", [32, 96, 256, 4096, 11008])
 @pytest.mark.parametrize("bits", [2.0, 2.1, 2.5, 2.99, 3.0, 3.01, 3.3, 3.5, 3.97, 4.0])
 def test_segment_sizes_hit_the_target(k, bits):
-    seg_k = standin.segment_sizes(k, bits)
+    seg_k = segment_sizes(k, bits)
     assert sum(seg_k) == k and all(s >= 0 and s % 32 == 0 for s in seg_k)
     code_bits = (4 * seg_k[0] + 3 * seg_k[1] + 2 * seg_k[2]) / k
     # Moving one 32-channel group one width up or down changes code_bits by 32 / k.
@@ -21,18 +23,18 @@ def test_segment_sizes_hit_the_target(k, bits):
 @pytest.mark.parametrize("bits,expected", [(2.0, (0, 0, 256)), (2.5, (0, 128, 128)), (3.0, (0, 256, 0)),
                                            (3.25, (64, 192, 0)), (4.0, (256, 0, 0))])
 def test_segment_sizes_exact_splits(bits, expected):
-    assert standin.segment_sizes(256, bits) == expected
+    assert segment_sizes(256, bits) == expected
 
 
 @pytest.mark.parametrize("bits", [1.99, 4.01, 0.0, -3.0, float("nan"), float("inf")])
 def test_segment_sizes_rejects_bits_out_of_range(bits):
     with pytest.raises(ValueError, match="bits must be in"):
-        standin.segment_sizes(256, bits)
+        segment_sizes(256, bits)
 
 
 def test_segment_sizes_rejects_k_off_the_granule():
     with pytest.raises(ValueError, match="not a multiple of 32"):
-        standin.segment_sizes(100, 3.0)
+        segment_sizes(100, 3.0)
 
 
 @pytest.mark.parametrize("bits", [2.0, 2.5, 3.0, 3.5, 4.0])
@@ -41,7 +43,7 @@ def test_quantize_standin_layer(bits):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 128, generator=gen)
     layer = standin.quantize_standin(weight, bits=bits, outlier_fraction=0.02)
-    assert layer.seg_k == standin.segment_sizes(128, bits)
+    assert layer.seg_k == segment_sizes(128, bits)
     assert layer.nnz == round(0.02 * 48 * 128)
     for s, width in enumerate(layer.seg_k):
         if width:

@@ -1,6 +1,6 @@
 """Bit allocation: which input channels get 4, 3 or 2 code bits, in whole 32-channel groups.
 
-Two allocators (DESIGN §1.2):
+Two allocators (docs/DESIGN.md §1.2):
 
 * ``cmpq`` (the paper's): rank channels by activation salience ``s2``; the top fraction gets one bit
   more than ``floor(bits)``, so only two adjacent widths are mixed (3/2 for bits <= 3, else 4/3).
@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from ..format import GROUP_CODES, MAX_BITS, MIN_BITS, SEGMENT_BITS
+from ..format import GROUP_CODES, MAX_BITS, MIN_BITS, SEGMENT_BITS, check_in_features
+from .options import ALLOCATORS
 
-ALLOCATORS = ("cmpq", "greedy")
 
 
 def check_bits(bits: float) -> float:
@@ -34,14 +34,6 @@ def check_bits(bits: float) -> float:
     return bits
 
 
-def check_k(k: int) -> int:
-    """Raise ``ValueError`` unless ``k`` (in_features) is a positive multiple of the 32-channel granule."""
-    if k <= 0 or k % GROUP_CODES:
-        raise ValueError(f"in_features K={k} is not a multiple of {GROUP_CODES}: CMPQ packs channels in "
-                         f"groups of {GROUP_CODES}; pad the layer to a multiple of {GROUP_CODES}")
-    return k
-
-
 def segment_sizes(k: int, bits: float) -> tuple[int, int, int]:
     """Channels per segment (4, 3, 2-bit) of the two-adjacent-width split that the ``cmpq`` allocator makes.
 
@@ -49,7 +41,7 @@ def segment_sizes(k: int, bits: float) -> tuple[int, int, int]:
     ``round((bits - low) * groups)`` whole 32-channel groups.
     """
     bits = check_bits(bits)
-    k = check_k(k)
+    check_in_features(k)
     low = 2 if bits <= 3 else 3
     upper = int(round((bits - low) * (k // GROUP_CODES))) * GROUP_CODES
     return (upper, k - upper, 0) if low == 3 else (0, upper, k - upper)
@@ -74,7 +66,7 @@ def group_upgrade_gains(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
     Going from ``b`` to ``b + 1`` bits cuts the estimated error by ``score * 4^-b * 3/4``.
     """
-    check_k(scores.numel())
+    check_in_features(scores.numel())
     order = torch.argsort(scores, descending=True, stable=True)
     group_score = scores[order].reshape(-1, GROUP_CODES).sum(1)
     gains = torch.stack([group_score * 4.0**-2, group_score * 4.0**-3], dim=1) * 0.75
@@ -122,13 +114,13 @@ def allocate_greedy(s2: torch.Tensor, weight: torch.Tensor, bits: float) -> torc
     return widths_from_upgrades(order, upgrades)
 
 
-def allocate(s2: torch.Tensor, weight: torch.Tensor, bits: float, allocator: str = "cmpq") -> torch.Tensor:
+def allocate(s2: torch.Tensor, weight: torch.Tensor, bits: float, allocator: str) -> torch.Tensor:
     """Per-channel widths ``[K]`` in {2, 3, 4} for ``weight`` ``[N, K]`` with salience ``s2`` ``[K]``."""
     if allocator == "cmpq":
         return allocate_cmpq(s2, bits)
     if allocator == "greedy":
         return allocate_greedy(s2, weight, bits)
-    raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+    raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")  # callers outside QuantOptions
 
 
 def permutation(widths: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

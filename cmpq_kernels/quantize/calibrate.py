@@ -1,6 +1,6 @@
 """Calibration: text -> token windows -> per-block inputs -> per-linear activation statistics.
 
-The model is processed block by block (DESIGN §1.1): the inputs of block 0 (and the keyword arguments
+The model is processed block by block (docs/DESIGN.md §1.1): the inputs of block 0 (and the keyword arguments
 every block receives: attention masks, position embeddings, which may differ per block, e.g. Gemma3's
 sliding/full layers) are captured once by temporarily replacing the blocks with recording stubs; a block
 is then run on its own over the stored hidden states, with hooks on its ``nn.Linear`` modules recording
@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .progress import progress
+from ..progress import progress
 
 Calibration = Union[str, os.PathLike, Sequence[str], Iterable[Any]]
 _BLOCK_PATHS = ("model.layers", "model.language_model.layers", "model.decoder.layers", "transformer.h",

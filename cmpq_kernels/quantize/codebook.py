@@ -2,16 +2,13 @@
 
 Every codebook row (one output row, or ``codebook_rows`` output rows together) fits its own sorted
 codebook of ``2**bits`` values to its weights in one segment, element weight ``s2[k]`` (the diagonal of
-the layer Hessian, DESIGN §1.4). Deterministic: weighted-quantile initialisation, fixed iteration cap,
+the layer Hessian, docs/DESIGN.md §1.4). Deterministic: weighted-quantile initialisation, fixed iteration cap,
 no randomness. In 1-D, k-means clusters are intervals, so assignment counts the midpoints of the sorted
 codebook below each value, and the update is a ``scatter_add`` of weighted sums.
 """
 from __future__ import annotations
 
 import torch
-
-DEFAULT_KMEANS_ITERS = 20
-
 
 def weighted_quantile_init(x: torch.Tensor, w: torch.Tensor, levels: int) -> torch.Tensor:
     """Sorted initial codebooks ``[R, levels]``: the weighted ``(i + 0.5) / levels`` quantiles of each row."""
@@ -50,7 +47,7 @@ def _round_fp16(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, bits: int,
-                    iters: int = DEFAULT_KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+                    iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit fp16-representable sorted codebooks ``[R, 2**bits]`` and codes ``[R, C]`` (int64) to ``x`` ``[R, C]``.
 
     Args:
@@ -88,8 +85,8 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, bits: int,
     return codebook, codes
 
 
-def fit_rows(x: torch.Tensor, w: torch.Tensor, bits: int, codebook_rows: int = 1,
-             iters: int = DEFAULT_KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_rows(x: torch.Tensor, w: torch.Tensor, bits: int, codebook_rows: int,
+             iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`weighted_kmeans` with ``codebook_rows`` consecutive output rows sharing one codebook.
 
     ``x``, ``w`` are ``[N, C]``; returns codebooks ``[ceil(N / codebook_rows), 2**bits]`` and codes ``[N, C]``.

@@ -1,4 +1,4 @@
-"""Quantize one weight matrix to a :class:`~cmpq_kernels.format.CMPQLayer` (DESIGN §1.2-1.6).
+"""Quantize one weight matrix to a :class:`~cmpq_kernels.format.CMPQLayer` (docs/DESIGN.md §1.2-1.6).
 
 Pipeline: allocate widths -> permute into segments [4|3|2] -> activation outliers -> weighted k-means
 per row and segment -> error outliers -> refit -> optional GPTQ error feedback on the fitted codebooks
@@ -6,24 +6,22 @@ per row and segment -> error outliers -> refit -> optional GPTQ error feedback o
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from ..format import SEGMENT_BITS, CMPQLayer
-from .allocate import allocate, check_bits, check_k, permutation
-from .codebook import DEFAULT_KMEANS_ITERS, fit_rows
+from ..format import SEGMENT_BITS, CMPQLayer, check_in_features
+from .allocate import allocate, check_bits, permutation
+from .codebook import fit_rows
 from .gptq import quantize_with_feedback
-from .outliers import activation_outliers, check_fraction, error_outliers
+from .options import QuantOptions
+from .outliers import activation_outliers, error_outliers
 
-DEFAULT_P_ACT = 0.0005
-DEFAULT_P_ERR = 0.004
-FEEDBACK_ORDERS = ("act", "packed")
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _check_inputs(weight: torch.Tensor, s2: torch.Tensor, hessian: Optional[torch.Tensor],
-                  codebook_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as a float32 CPU tensor, or ``TypeError``/``ValueError`` naming why it cannot be quantized."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2 or weight.shape[0] == 0:
@@ -32,11 +30,14 @@ def _check_inputs(weight: torch.Tensor, s2: torch.Tensor, hessian: Optional[torc
     w = weight.detach().float().cpu()
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weight contains NaN or Inf")
-    n, k = w.shape
-    check_k(k)
+    check_in_features(w.shape[1])
     largest = float(w.abs().max())
     if largest > _FP16_MAX:  # codebooks and outlier residuals are stored as fp16
         raise ValueError(f"weight has values beyond the fp16 range (max |w| = {largest:g} > {_FP16_MAX:g})")
+    return w
+
+
+def _check_statistics(k: int, s2: torch.Tensor, hessian: Optional[torch.Tensor]) -> torch.Tensor:
     s2 = torch.as_tensor(s2).detach().float().cpu().reshape(-1)
     if s2.numel() != k:
         raise ValueError(f"s2 must have one entry per input channel ({k}), got {s2.numel()}")
@@ -44,9 +45,7 @@ def _check_inputs(weight: torch.Tensor, s2: torch.Tensor, hessian: Optional[torc
         raise ValueError("s2 (mean squared activation per channel) must be finite and non-negative")
     if hessian is not None and (tuple(hessian.shape) != (k, k) or not bool(torch.isfinite(hessian).all())):
         raise ValueError(f"hessian must be a finite [{k}, {k}] matrix, got shape {tuple(hessian.shape)}")
-    if codebook_rows < 1:
-        raise ValueError(f"codebook_rows must be >= 1, got {codebook_rows}")
-    return w, s2
+    return s2
 
 
 def _fit_segments(wp: torch.Tensor, s2p: torch.Tensor, keep: torch.Tensor, seg_k: tuple[int, int, int],
@@ -100,75 +99,63 @@ def quantize_weight(
     weight: torch.Tensor,
     s2: torch.Tensor,
     bits: float,
+    options: Optional[QuantOptions] = None,
     *,
-    allocator: str = "greedy",
-    p_act: float = DEFAULT_P_ACT,
-    p_err: float = DEFAULT_P_ERR,
-    error_feedback: Optional[bool] = None,
     hessian: Optional[torch.Tensor] = None,
-    feedback_order: str = "act",
-    kmeans_iters: int = DEFAULT_KMEANS_ITERS,
-    codebook_rows: int = 4,
     widths: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
+    **overrides: Any,
 ) -> CMPQLayer:
     """Quantize ``weight`` ``[N, K]`` (``y = x @ W.T``) into a validated :class:`CMPQLayer`.
 
     Args:
-        weight: float ``[out_features, in_features]``, finite; ``in_features % 32 == 0``.
+        weight: float ``[out_features, in_features]``, finite; ``in_features`` a multiple of 32.
         s2: ``[K]`` mean squared activation per input channel (salience, k-means weights).
         bits: average code bits per weight, any value in [2, 4].
-        allocator: ``"greedy"`` (default) or ``"cmpq"`` (salience-ranked, two adjacent widths); see :mod:`.allocate`.
-        p_act: fraction of weights kept exactly as activation-based outliers (top ``|W| sqrt(s2)``).
-        p_err: fraction of weights kept exactly as error-based outliers (top ``|W - Q(W)| sqrt(s2)``).
-        error_feedback: GPTQ-style error feedback on the fitted codebooks; needs ``hessian``. ``None``
-            (default) means "on exactly when ``hessian`` is given".
-        hessian: ``[K, K]`` ``X^T X / n`` of the layer input, original channel order.
-        feedback_order: column order of the error feedback: ``"act"`` (descending Hessian diagonal; lower
-            output error on every synthetic case measured) or ``"packed"`` (segment order [4|3|2]).
-        kmeans_iters: Lloyd iteration cap per codebook fit.
-        codebook_rows: consecutive output rows sharing one codebook (format field). The default 4 cuts the
-            codebook overhead 4x for a small error cost; it measured better per effective bit than 1.
+        options: quantizer settings (:class:`QuantOptions`; defaults when None). ``budget`` is a model-level
+            setting and is ignored here.
+        hessian: ``[K, K]`` ``X^T X / n`` of the layer input, original channel order. Error feedback runs when
+            it is given and ``options.error_feedback`` is on; asking for ``error_feedback=True`` explicitly
+            without it is an error.
         widths: optional precomputed int ``[K]`` widths in {2, 3, 4} (e.g. from a model-wide
             allocation); overrides ``allocator`` and ``bits`` for the allocation (``bits`` is still stored).
         bias: optional ``[N]`` stored with the layer.
+        **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``p_err=0.0``, ...).
 
     Returns:
         The packed layer; ``layer.effective_bits`` is the honest storage cost per weight.
     """
     bits = check_bits(bits)
-    p_act, p_err = check_fraction("p_act", p_act), check_fraction("p_err", p_err)
-    w, s2 = _check_inputs(weight, s2, hessian, codebook_rows)
-    if error_feedback is None:
-        error_feedback = hessian is not None
-    if error_feedback and hessian is None:
+    opts = QuantOptions.resolve(options, overrides)
+    w = check_weight(weight)
+    s2 = _check_statistics(w.shape[1], s2, hessian)
+    if overrides.get("error_feedback") and hessian is None:
         raise ValueError("error_feedback=True needs hessian ([K, K] X^T X / n of the layer input)")
-    if feedback_order not in FEEDBACK_ORDERS:
-        raise ValueError(f"feedback_order must be one of {FEEDBACK_ORDERS}, got {feedback_order!r}")
     if widths is None:
-        widths = allocate(s2, w, bits, allocator)
+        widths = allocate(s2, w, bits, opts.allocator)
     widths = torch.as_tensor(widths).long().reshape(-1)
     if widths.numel() != w.shape[1]:  # else the layer would silently cover only some channels
         raise ValueError(f"widths must have one entry per input channel ({w.shape[1]}), got {widths.numel()}")
     perm, seg_k = permutation(widths)
     wp, s2p = w[:, perm], s2[perm]
 
-    keep = activation_outliers(wp, s2p, p_act)
-    codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, codebook_rows, kmeans_iters)
-    err_mask = error_outliers(wp, deq, s2p, p_err, keep)
+    rows = opts.codebook_rows
+    keep = activation_outliers(wp, s2p, opts.p_act)
+    codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, rows, opts.kmeans_iters)
+    err_mask = error_outliers(wp, deq, s2p, opts.p_err, keep)
     if bool(err_mask.any()):
         keep |= err_mask
-        codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, codebook_rows, kmeans_iters)
+        codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, rows, opts.kmeans_iters)
     target = wp
-    if error_feedback:
+    if opts.error_feedback and hessian is not None:
         hessian_p = hessian.detach().double().cpu()[perm][:, perm]
-        codes, deq, target = _feedback(wp, hessian_p, codebooks, seg_k, keep, codebook_rows, feedback_order)
+        codes, deq, target = _feedback(wp, hessian_p, codebooks, seg_k, keep, rows, opts.feedback_order)
 
-    rows, cols = torch.nonzero(keep, as_tuple=True)
-    residual = (target - deq)[rows, cols].half()
+    out_rows, cols = torch.nonzero(keep, as_tuple=True)
+    residual = (target - deq)[out_rows, cols].half()
     return CMPQLayer.from_codes(
         bits=bits, perm=perm.numpy(),
         codes=tuple(c.to(torch.uint8).numpy() for c in codes.split(seg_k, 1)),
         codebooks=tuple(cb.half() for cb in codebooks),
-        outlier_rows=rows.numpy(), outlier_cols=cols.numpy(), outlier_vals=residual,
-        bias=None if bias is None else bias.detach().cpu().contiguous(), codebook_rows=codebook_rows)
+        outlier_rows=out_rows.numpy(), outlier_cols=cols.numpy(), outlier_vals=residual,
+        bias=None if bias is None else bias.detach().cpu().contiguous(), codebook_rows=rows)

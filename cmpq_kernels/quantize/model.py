@@ -14,14 +14,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..format import GROUP_CODES
-from ..nn import CMPQLinear, replace_module
+from ..format import GROUP_CODES, check_in_features
+from ..nn import CMPQLinear
+from ..progress import progress as progress_iter
+from ..surgery import replace_module
 from .allocate import channel_scores, check_bits, group_upgrade_gains, select_upgrades, widths_from_upgrades
 from .calibrate import (Calibration, LayerStats, StatsAccumulator, block_stats, calibrate, calibration_ids,
                         capture_block_inputs, find_blocks, linear_layers, run_block)
-from .codebook import DEFAULT_KMEANS_ITERS
-from .layer import DEFAULT_P_ACT, DEFAULT_P_ERR, quantize_weight
-from .progress import progress as progress_iter
+from .layer import quantize_weight
+from .options import QuantOptions
 
 #: ``(name, linear, stats, widths or None) -> (replacement module, report fields)``; the fields must
 #: include ``code_bits``, ``effective_bits`` and ``nnz``. Lets baselines share the calibration pipeline.
@@ -92,19 +93,14 @@ def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], b
     return {name: widths_from_upgrades(orders[name], u) for name, u in zip(linears, upgrades)}
 
 
-def cmpq_layer_quantizer(bits: float, *, allocator: str = "greedy", error_feedback: bool = True,
-                         p_act: float = DEFAULT_P_ACT, p_err: float = DEFAULT_P_ERR,
-                         kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 4,
-                         feedback_order: str = "act") -> LayerQuantizer:
+def cmpq_layer_quantizer(bits: float, options: QuantOptions) -> LayerQuantizer:
     """The default :data:`LayerQuantizer`: :func:`quantize_weight` -> :class:`CMPQLinear`."""
 
     def quantize(name: str, linear: nn.Linear, stats: LayerStats,
                  widths: Optional[torch.Tensor]) -> tuple[nn.Module, dict]:
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
-        layer = quantize_weight(linear.weight, stats.s2, bits, allocator=allocator, p_act=p_act, p_err=p_err,
-                                error_feedback=error_feedback, hessian=stats.hessian if error_feedback else None,
-                                feedback_order=feedback_order,
-                                kmeans_iters=kmeans_iters, codebook_rows=codebook_rows, widths=widths, bias=bias)
+        layer = quantize_weight(linear.weight, stats.s2, bits, options, hessian=stats.hessian, widths=widths,
+                                bias=bias)
         module = CMPQLinear(layer).to(linear.weight.device)
         return module, {"code_bits": layer.code_bits, "effective_bits": layer.effective_bits, "nnz": layer.nnz}
 
@@ -113,9 +109,10 @@ def cmpq_layer_quantizer(bits: float, *, allocator: str = "greedy", error_feedba
 
 def _check_linears(linears: dict[str, nn.Linear]) -> None:
     for name, lin in linears.items():
-        if lin.in_features % GROUP_CODES:
-            raise ValueError(f"{name}: in_features {lin.in_features} is not a multiple of {GROUP_CODES}; "
-                             f"CMPQ cannot pack it (pad the layer or leave it unquantized)")
+        try:
+            check_in_features(lin.in_features)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -152,40 +149,33 @@ def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dic
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5, *, tokenizer: Any = None,
-                   n_samples: int = 128, seq_len: int = 512, seed: int = 0, allocator: str = "greedy",
-                   error_feedback: bool = True, budget: str = "layer", p_act: float = DEFAULT_P_ACT,
-                   p_err: float = DEFAULT_P_ERR, kmeans_iters: int = DEFAULT_KMEANS_ITERS, codebook_rows: int = 4,
-                   feedback_order: str = "act", quantize_lm_head: bool = False, batch_size: int = 8,
-                   progress: bool = True, layer_quantizer: Optional[LayerQuantizer] = None) -> QuantReport:
+def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5, options: Optional[QuantOptions] = None,
+                   *, tokenizer: Any = None, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
+                   quantize_lm_head: bool = False, batch_size: int = 8, progress: bool = True,
+                   layer_quantizer: Optional[LayerQuantizer] = None, **overrides: Any) -> QuantReport:
     """Quantize every ``nn.Linear`` in the decoder blocks of ``model`` in place; return a :class:`QuantReport`.
+
+    Holds the whole model in memory (it is modified in place); the calibration activations are kept for one
+    block at a time.
 
     Args:
         model: a Hugging Face causal LM (Llama, Qwen2, Mistral, Gemma3, ...) in eval mode.
         calibration: list of strings, a text-file path, or an iterable of ``input_ids`` (see
             :func:`~.calibrate.calibration_ids`).
         bits: average code bits per weight in [2, 4]; ``effective_bits`` in the report adds the overheads.
+        options: quantizer settings (:class:`QuantOptions`; defaults when None). ``budget="global"`` allocates
+            from the FP model's statistics in one extra pass; ``error_feedback`` records ``X^T X`` per layer.
         tokenizer: needed when ``calibration`` is text.
         n_samples, seq_len, seed: calibration windows (count, length, which ones).
-        allocator: ``"greedy"`` (default: estimated error, any 2/3/4 mix; lower perplexity in every
-            measured run) or ``"cmpq"`` (the paper's salience rule); ``budget="global"`` needs ``"greedy"``.
-        error_feedback: GPTQ-style error feedback on the fitted codebooks (records ``X^T X`` per layer).
-        budget: ``"layer"`` (every layer meets ``bits``) or ``"global"`` (the model-wide average does;
-            allocated from the FP model's statistics in one extra pass).
-        p_act, p_err, kmeans_iters, codebook_rows, feedback_order: see :func:`~.layer.quantize_weight`.
         quantize_lm_head: also quantize the output projection (off by default; unties tied embeddings).
         batch_size: calibration sequences per forward pass.
         progress: show progress bars.
         layer_quantizer: replaces the CMPQ layer quantizer (baselines sharing this pipeline).
+        **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``codebook_rows=1``, ...).
     """
     bits = check_bits(bits)
-    if budget not in ("layer", "global"):
-        raise ValueError(f"budget must be 'layer' or 'global', got {budget!r}")
-    if budget == "global" and allocator != "greedy":
-        raise ValueError("budget='global' needs allocator='greedy' (salience s2 is not comparable across layers)")
-    quantizer = layer_quantizer or cmpq_layer_quantizer(bits, allocator=allocator, error_feedback=error_feedback,
-                                                        p_act=p_act, p_err=p_err, kmeans_iters=kmeans_iters,
-                                                        codebook_rows=codebook_rows, feedback_order=feedback_order)
+    opts = QuantOptions.resolve(options, overrides)
+    quantizer = layer_quantizer or cmpq_layer_quantizer(bits, opts)
     times = {"capture": 0.0, "allocate": 0.0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
     start = time.perf_counter()
     ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
@@ -197,7 +187,7 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     _check_finite(model)
     _check_token_ids(model, ids)
     widths: dict[str, torch.Tensor] = {}
-    if budget == "global":
+    if opts.budget == "global":
         fp_stats = calibrate(model, [ids], n_samples=n_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                              show_progress=progress)
         widths = global_widths(linear_layers(blocks, f"{path}."), fp_stats, bits)
@@ -208,7 +198,7 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     records: list[dict] = []
     for i, block in enumerate(progress_iter(blocks, "quantize blocks", total=len(blocks), enabled=progress)):
         t = time.perf_counter()
-        stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=error_feedback)
+        stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=opts.error_feedback)
         times["statistics"] += time.perf_counter() - t
         t = time.perf_counter()
         _quantize_linears(model, linear_layers(block, f"{path}.{i}."), stats, bits, quantizer, widths, records)
@@ -219,12 +209,10 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     del inputs
     if quantize_lm_head:
         t = time.perf_counter()
-        _quantize_lm_head(model, ids, bits, quantizer, error_feedback, batch_size, records)
+        _quantize_lm_head(model, ids, bits, quantizer, opts.error_feedback, batch_size, records)
         times["lm_head"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - start
-    settings = {"allocator": allocator, "error_feedback": error_feedback, "budget": budget, "p_act": p_act,
-                "p_err": p_err, "kmeans_iters": kmeans_iters, "codebook_rows": codebook_rows,
-                "feedback_order": feedback_order,
+    settings = {**opts.to_json(),
                 "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": seed},
                 "quantize_lm_head": quantize_lm_head, "custom_layer_quantizer": layer_quantizer is not None}
     return QuantReport(bits, records, times, settings)

@@ -1,4 +1,4 @@
-"""The two outlier kinds of DESIGN §1.5, as boolean masks over a weight matrix.
+"""The two outlier kinds of docs/DESIGN.md §1.5, as boolean masks over a weight matrix.
 
 * activation-based: the top ``p_act`` of all weights by ``|W| * sqrt(s2)`` (large weights meeting large
   activations), chosen *before* fitting and excluded from the k-means fit;
@@ -12,14 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-
-def check_fraction(name: str, p: float) -> float:
-    """Return ``p`` as float or raise ``ValueError`` unless ``0 <= p < 1``."""
-    p = float(p)
-    if not (math.isfinite(p) and 0.0 <= p < 1.0):
-        raise ValueError(f"{name} must be a fraction in [0, 1), got {p}")
-    return p
 
 
 def top_mask(score: torch.Tensor, fraction: float, exclude: torch.Tensor | None = None) -> torch.Tensor:

