@@ -18,7 +18,7 @@ def layer():
 
 
 def tensor_args(layer):
-    return (layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col, layer.val)
+    return tuple(layer.fields().values())
 
 
 @pytest.mark.parametrize("m,dtype,with_bias", [(3, torch.float32, True), (20, torch.float16, False),
