@@ -1,9 +1,9 @@
 """The optional peer quantizers of bench/accuracy.py (HQQ, bitsandbytes NF4): error and bit accounting.
 
 Each peer test skips when its package is missing, and the skip reason (``pytest -rs``) gives the command that
-installs it; both install and run on a CPU-only machine (about 10 s for this file). The bounds are for a seeded 256 x 512 Gaussian
-matrix; they leave ~25 % margin over the measured errors, and the 2 -> 3 -> 4 bit ordering catches bits
-that are mis-passed, a wrong dequantize blows the bounds.
+installs it; both install and run on a CPU-only machine (about 10 s for this file). The bounds are for a
+seeded 256 x 512 Gaussian matrix; they leave ~25 % margin over the measured errors, and the 2 -> 3 -> 4 bit
+ordering catches bits that are mis-passed, a wrong dequantize blows the bounds.
 """
 from __future__ import annotations
 
