@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,10 +55,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:  # `cmpq bench` runs this file through runpy, which does not add its folder
+    sys.path.insert(0, str(BENCH))
 import cmpq_kernels
+from bench_common import (layer_bytes, markdown_table, parse_batches, parse_bits, parse_shapes,
+                          write_json_and_markdown)
 from cmpq_kernels import ops
 from cmpq_kernels.format import CMPQLayer
 from cmpq_kernels.quantize import quantize_standin
+from random_layers import OUTLIER_FRACTION
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 BATCHES = (1, 4, 16, 64)
@@ -67,7 +73,7 @@ QUICK_SHAPES = ((256, 512), (512, 256))
 CPU_DIRECT_MAX_M = 16  # mirrors kCpuDirectMaxM in csrc/cmpq_ops.cpp (only labels the path column)
 ROTATE = 8  # activation tensors cycled through per case
 MAX_REL_ERR = 1e-4
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_bench"
+DEFAULT_OUT = BENCH / "results" / "cpu_bench"
 
 
 def time_ms(fn: Callable[[torch.Tensor], torch.Tensor], xs: list[torch.Tensor], warmup: int, reps: int,
@@ -144,10 +150,10 @@ def run(shapes: tuple[tuple[int, int], ...], batches: tuple[int, ...], bits_list
             torch_ms = {m: time_ms(lambda x: F.linear(x, weight), xs[m], warmup, reps, flush) for m in batches}
             for bits in bits_list:
                 t0 = time.perf_counter()
-                layer = quantize_standin(weight, bits, outlier_fraction=0.005)
+                layer = quantize_standin(weight, bits, outlier_fraction=OUTLIER_FRACTION)
                 quant_s = time.perf_counter() - t0
                 err = check_layer(layer, batches, f"{n}x{k} bits={bits:g}")
-                layer_bytes = sum(layer.storage_bits().values()) // 8
+                stored = layer_bytes(layer)
                 for m in batches:
                     cmpq_ms = time_ms(lambda x: ops.gemm(x, layer), xs[m], warmup, reps, flush)
                     io_bytes = 4 * m * (k + n)
@@ -156,8 +162,8 @@ def run(shapes: tuple[tuple[int, int], ...], batches: tuple[int, ...], bits_list
                         "code_bits": layer.code_bits, "effective_bits": layer.effective_bits,
                         "path": "direct" if m <= CPU_DIRECT_MAX_M else "decode+BLAS",
                         "cmpq_ms": cmpq_ms, "torch_ms": torch_ms[m], "speedup": torch_ms[m] / cmpq_ms,
-                        "cmpq_bytes": layer_bytes + io_bytes, "torch_bytes": 4 * n * k + io_bytes,
-                        "cmpq_gbps": (layer_bytes + io_bytes) / cmpq_ms / 1e6,
+                        "cmpq_bytes": stored + io_bytes, "torch_bytes": 4 * n * k + io_bytes,
+                        "cmpq_gbps": (stored + io_bytes) / cmpq_ms / 1e6,
                         "torch_gbps": (4 * n * k + io_bytes) / torch_ms[m] / 1e6,
                         "max_rel_err": err, "quantize_s": quant_s,
                     })
@@ -170,22 +176,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     head = (f"CPU: {meta['cpu_model']} ({meta['cpu_isa']}), {meta['threads']} threads, torch {meta['torch']}, "
             f"{meta['date']}; median of {meta['reps']} reps after {meta['warmup']} warmup, LLC flush "
             f"{meta['flush_mb']} MiB; speedup = torch_ms / cmpq_ms.\n\n")
-    lines = ["| shape (N×K) | M | bits | effective_bits | path | cmpq ms | torch ms | speedup | cmpq GB/s | torch GB/s |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['n']}×{r['k']} | {r['m']} | {r['bits']:g} | {r['effective_bits']:.3f} | {r['path']} | "
-                     f"{r['cmpq_ms']:.3f} | {r['torch_ms']:.3f} | {r['speedup']:.2f} | {r['cmpq_gbps']:.1f} | "
-                     f"{r['torch_gbps']:.1f} |")
-    return head + "\n".join(lines) + "\n"
-
-
-def parse_list(text: str, kind: Callable) -> tuple:
-    return tuple(kind(v) for v in text.split(","))
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    n, k = text.lower().replace("×", "x").split("x")
-    return int(n), int(k)
+    header = ("shape (N×K)", "M", "bits", "effective_bits", "path", "cmpq ms", "torch ms", "speedup", "cmpq GB/s",
+              "torch GB/s")
+    cells = [(f"{r['n']}×{r['k']}", f"{r['m']}", f"{r['bits']:g}", f"{r['effective_bits']:.3f}", r["path"],
+              f"{r['cmpq_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}", f"{r['cmpq_gbps']:.1f}",
+              f"{r['torch_gbps']:.1f}") for r in rows]
+    return head + "\n".join(markdown_table(header, cells, text_columns=(0, 4))) + "\n"
 
 
 def main() -> None:
@@ -196,10 +192,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 5; 1 with --quick)")
     p.add_argument("--flush-mb", type=int, default=64, help="MiB read before each call to evict the LLC; 0 = off")
     p.add_argument("--out", type=Path, default=None, help=f"output path without extension (default {DEFAULT_OUT})")
-    p.add_argument("--shapes", type=lambda s: parse_list(s, parse_shape), default=None,
+    p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma list of NxK (out x in), e.g. 4096x4096,11008x4096")
-    p.add_argument("--batch", type=lambda s: parse_list(s, int), default=BATCHES, help="comma list of M")
-    p.add_argument("--bits", type=lambda s: parse_list(s, float), default=BITS, help="comma list of bits")
+    p.add_argument("--batch", type=parse_batches, default=BATCHES, help="comma list of M")
+    p.add_argument("--bits", type=parse_bits, default=BITS, help="comma list of bits")
     args = p.parse_args()
     args.reps = args.reps or (3 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
@@ -213,9 +209,7 @@ def main() -> None:
     rows = run(shapes, args.batch, args.bits, args.warmup, args.reps, args.flush_mb)
     table = markdown(rows, meta)
     print("\n" + table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(table)
+    write_json_and_markdown({"meta": meta, "rows": rows}, table, out)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 

@@ -11,19 +11,20 @@ Shapes use the ``nn.Linear`` convention N x K = out_features x in_features. Defa
 (LLaMA-70B gate/up and down), 151936x896 (Qwen2-0.5B lm_head); M = 1, 2, 4, 8, 16, 32, 64, 128, 512;
 bits = 2, 2.5, 3, 3.5, 4. The GPU op dispatches on M (``csrc/gpu_ops.h``, ``csrc/cuda/kernels.h``):
 M <= 8 fused GEMV, M <= 128 tensor-core GEMM, larger M decode to an FP16 workspace + cuBLAS; the ``path``
-column says which (``GEMV_MAX_M``/``GEMM_MAX_M`` below mirror the C++ table and only label rows).
+column says which (``GEMV_MAX_M``/``GEMM_MAX_M`` in ``gpu_results.py`` mirror the C++ table and only label
+rows).
 
 Layers
     Timing does not depend on weight values, so layers are built fast instead of by the (slow, CPU)
-    stand-in quantizer: :func:`make_random_layer` draws random packed code words (every 32-bit word is a
+    stand-in quantizer: ``random_layers.make_random_layer`` draws random packed code words (every 32-bit word is a
     valid group of 2-, 3- or 4-bit codes), sorted random FP16 codebooks (one row per output row), a random
     channel permutation and 0.5 % random outliers (distinct positions, CSR), with the segment split of
-    ``standin.segment_sizes(k, bits)``; NumPy on the CPU, then ``.to(device)``. It has exactly the tensors
+    ``quantize.allocate.segment_sizes(k, bits)``; NumPy on the CPU, then ``.to(device)``. It has exactly the tensors
     (dtypes, shapes, nnz, hence ``storage_bits``/``effective_bits``) that
     ``standin.quantize_standin(weight, bits, outlier_fraction=0.005)`` produces for the same shape
-    (checked by ``python_tests/test_bench_gpu_logic.py``). One (shape, bits) layer lives on the GPU at a time.
+    (checked by ``python_tests/test_bench_helpers.py``). One (shape, bits) layer lives on the GPU at a time.
 
-Correctness gate (per (shape, bits), before any timing; a wrong kernel is never timed)
+Correctness gate (``gpu_gate.py``; per (shape, bits), before any timing; a wrong kernel is never timed)
     1. Decode: ``ops.dequantize(layer)`` on the GPU, compared on three row slices (first, middle and last
        ``GATE_ROWS`` rows) with the pure-torch ``reference.dequantize`` of the same rows computed on the
        CPU; norm-relative error < ``MAX_DECODE_ERR``.
@@ -73,21 +74,17 @@ directory (existing, or ending in ``/``) that receives ``gpu_<device-slug>.{json
 ``--device cpu`` runs every step on the CPU with wall-clock timing (a logic check for machines without
 a GPU; its numbers mean nothing).
 
-Imports: stdlib, numpy, torch and cmpq_kernels only.
+Modules: this script holds the argument parsing, the timing (``Device``) and the benchmark loop (``Runner``);
+``gpu_results.py`` the results schema, numbers, report and budget, ``gpu_gate.py`` the correctness gate,
+``gpu_env.py`` the recorded environment, ``random_layers.py`` the layers, ``bench_common.py`` what the CPU
+benchmark shares. Imports: stdlib, numpy, torch, cmpq_kernels and those modules only.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
-import re
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,19 +92,24 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:  # `cmpq bench` runs this file through runpy, which does not add its folder
+    sys.path.insert(0, str(BENCH))
 try:
     import cmpq_kernels
 except ImportError:  # not installed: run from a source checkout with in-place built extensions
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(BENCH.parent))
     import cmpq_kernels
-from cmpq_kernels import ops, reference
-from cmpq_kernels.format import GROUP_CODES, SEGMENT_BITS, CMPQLayer
-from cmpq_kernels.quantize.allocate import segment_sizes
+from bench_common import layer_bytes, parse_batches, parse_bits, parse_shapes
+from cmpq_kernels import ops
+from gpu_env import clocks_text, metadata, nvidia_smi_info, smi_index
+from gpu_gate import first_line, gate_layer, rel_err
+from gpu_results import (DEFAULT_DIR, GEMV_MAX_M, Budget, copy_gbps, device_slug, fmt, make_cublas_row, make_row,
+                         markdown, resolve_out, results_doc, write_results)
+from random_layers import OUTLIER_FRACTION, make_random_layer
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672), (151936, 896))
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)
@@ -116,72 +118,9 @@ QUICK_SHAPES = ((4096, 4096), (151936, 896))
 QUICK_BATCHES = (1, 8, 16, 128, 512)
 QUICK_BITS = (2.5, 4.0)
 
-GEMV_MAX_M = 8    # mirrors cuda::kGemvMaxM (csrc/cuda/kernels.h); labels the path column only
-GEMM_MAX_M = 128  # mirrors cuda::kGemmMaxM
-OUTLIER_FRACTION = 0.005
-ACT_BYTES = 2  # fp16 activations and outputs
-GATE_ROWS = 128  # rows per gate slice (three slices: first, middle, last)
-MAX_DECODE_ERR = 1e-3
-MAX_GEMM_ERR = 5e-3
 MIN_REPS = 5
 PROBE_CALLS = 3
 LAT_REPS = 20  # host-latency samples per measurement (M <= GEMV_MAX_M with --graph)
-DEFAULT_DIR = ROOT / "bench" / "results"
-SCHEMA_VERSION = 1
-
-META_KEYS = ("schema_version", "date", "device", "device_name", "driver_version", "torch", "torch_cuda", "python",
-             "numpy", "cmpq_kernels", "backends", "sm_count", "l2_bytes", "total_memory_bytes", "copy_bandwidth",
-             "nvidia_smi_start", "warmup", "reps", "case_seconds", "flush_bytes", "flush_mode", "graph",
-             "outlier_fraction", "shapes", "batches", "bits", "gemv_max_m", "gemm_max_m", "max_seconds",
-             "quick", "baseline")
-ROW_KEYS = ("n", "k", "m", "bits", "code_bits", "effective_bits", "nnz", "path", "status", "layer_bytes",
-            "cmpq_bytes", "cmpq_us", "cmpq_us_min", "reps", "cublas_us", "speedup", "floor_us", "pct_floor",
-            "cmpq_gbps", "graph_us", "lat_eager_us", "lat_graph_us", "gate_rel_err")
-CUBLAS_KEYS = ("n", "k", "m", "cublas_bytes", "cublas_us", "cublas_us_min", "reps", "cublas_gbps", "floor_us",
-               "pct_floor", "lat_eager_us", "lat_graph_us")
-
-
-# ---- pure helpers (tested on the CPU by python_tests/test_bench_gpu_logic.py) -------------------------
-
-
-def path_for(m: int) -> str:
-    """Kernel path the GPU op takes for batch rows ``m`` (mirror of the C++ dispatch table)."""
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    if m <= GEMM_MAX_M:
-        return "gemm_tc"
-    return "decode+cublas"
-
-
-def cmpq_bytes(layer_bytes: int, n: int, k: int, m: int, act_bytes: int = ACT_BYTES) -> int:
-    """Bytes one CMPQ call must move: every stored byte of the layer, x [m, k] in, y [m, n] out."""
-    return int(layer_bytes) + act_bytes * m * (k + n)
-
-
-def dense_bytes(n: int, k: int, m: int, act_bytes: int = ACT_BYTES) -> int:
-    """Bytes one dense FP16 call moves: W [n, k], x [m, k], y [m, n]."""
-    return act_bytes * (n * k + m * (k + n))
-
-
-def layer_bytes(layer: CMPQLayer) -> int:
-    """All stored bytes of a layer (bias excluded, as in ``storage_bits``)."""
-    bits = sum(layer.storage_bits().values())
-    assert bits % 8 == 0, bits
-    return bits // 8
-
-
-def copy_gbps(copied_bytes: int, seconds: float) -> float:
-    """Bandwidth of a copy of ``copied_bytes``: it reads and writes them, so 2 * bytes / time (GB = 1e9 B)."""
-    return 2.0 * copied_bytes / seconds / 1e9
-
-
-def floor_us(nbytes: int, gbps: float) -> float:
-    """Time in microseconds to move ``nbytes`` at ``gbps`` GB/s."""
-    return nbytes / (gbps * 1e9) * 1e6
-
-
-def gbps(nbytes: int, us: float) -> float:
-    return nbytes / us / 1e3
 
 
 def plan_reps(per_call_s: float, reps: int, case_seconds: float, min_reps: int = MIN_REPS) -> int:
@@ -193,330 +132,9 @@ def plan_reps(per_call_s: float, reps: int, case_seconds: float, min_reps: int =
     return max(floor, min(reps, int(case_seconds / per_call_s)))
 
 
-def device_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
-def resolve_out(out: Optional[str], slug: str, quick: bool, default_dir: Path = DEFAULT_DIR) -> Path:
-    """Output path without extension (see module doc)."""
-    stem = f"gpu_{slug}" + ("_quick" if quick else "")
-    if out is None:
-        return default_dir / stem
-    p = Path(out)
-    if out.endswith(("/", os.sep)) or p.is_dir():
-        return p / stem
-    return p.with_suffix("") if p.suffix in (".json", ".md") else p
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    parts = text.strip().lower().replace("×", "x").split("x")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: expected NxK (out x in), e.g. 4096x11008")
-    try:
-        n, k = int(parts[0]), int(parts[1])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: N and K must be integers") from None
-    if n <= 0 or k <= 0 or k % GROUP_CODES:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: need N > 0 and K > 0 a multiple of {GROUP_CODES}")
-    return n, k
-
-
-def _split(text: str) -> list[str]:
-    items = [t for t in (s.strip() for s in text.split(",")) if t]
-    if not items:
-        raise argparse.ArgumentTypeError("empty list")
-    return items
-
-
-def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
-    return tuple(parse_shape(t) for t in _split(text))
-
-
-def parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        ms = tuple(int(t) for t in _split(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"batch list {text!r}: expected comma-separated integers") from None
-    if any(m < 1 for m in ms):
-        raise argparse.ArgumentTypeError(f"batch list {text!r}: every M must be >= 1")
-    return ms
-
-
-def parse_bits(text: str) -> tuple[float, ...]:
-    try:
-        bits = tuple(float(t) for t in _split(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits list {text!r}: expected comma-separated numbers") from None
-    if any(not (2.0 <= b <= 4.0) for b in bits):
-        raise argparse.ArgumentTypeError(f"bits list {text!r}: every value must be in [2, 4]")
-    return bits
-
-
 def layer_seed(n: int, k: int, bits: float) -> int:
+    """A distinct, reproducible seed per benchmarked (shape, bits) layer."""
     return (n * 131 + k) * 16 + int(round(bits * 4))
-
-
-def make_random_layer(n: int, k: int, bits: float, outlier_fraction: float = OUTLIER_FRACTION, seed: int = 0,
-                      bias: Optional[torch.dtype] = None) -> CMPQLayer:
-    """A valid CPU layer with the tensors ``quantize_standin`` would store for ``[n, k]`` at ``bits``, but
-    random contents: random code words, sorted random FP16 codebooks, random perm, random distinct outliers.
-
-    Vectorised NumPy; ~1 s for 28672x8192 (no per-code packing: any 32-bit word is a valid code group).
-    """
-    rng = np.random.default_rng(seed)
-    seg_k = segment_sizes(k, bits)
-    codes, codebooks = [], []
-    for width, b in zip(seg_k, SEGMENT_BITS):
-        words = rng.integers(0, 1 << 32, size=(n, width // GROUP_CODES * b), dtype=np.uint32)
-        codes.append(torch.from_numpy(words.view(np.int32)))
-        cb = np.sort(rng.standard_normal((n, (1 << b) if width else 0), dtype=np.float32), axis=1) * 0.02
-        codebooks.append(torch.from_numpy(cb.astype(np.float16)))
-    nnz = int(round(outlier_fraction * n * k))
-    flat = np.sort(rng.choice(n * k, size=nnz, replace=False)) if nnz else np.zeros(0, dtype=np.int64)
-    rows, cols = flat // k, flat % k  # row-major sorted = CSR order, columns sorted within each row
-    row_ptr = np.zeros(n + 1, dtype=np.int64)
-    row_ptr[1:] = np.cumsum(np.bincount(rows, minlength=n))
-    col_dtype = np.int16 if k <= 32767 else np.int32  # same rule as CMPQLayer.validate
-    vals = (rng.standard_normal(nnz, dtype=np.float32) * 0.02).astype(np.float16)
-    bias_t = None if bias is None else torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.02).to(bias)
-    layer = CMPQLayer(
-        n=n, k=k, bits=float(bits), seg_k=seg_k, perm=torch.from_numpy(rng.permutation(k).astype(np.int32)),
-        codes=tuple(codes), codebooks=tuple(codebooks), row_ptr=torch.from_numpy(row_ptr.astype(np.int32)),
-        col=torch.from_numpy(cols.astype(col_dtype)), val=torch.from_numpy(vals), bias=bias_t, codebook_rows=1)
-    return layer.validate()
-
-
-def slice_rows(layer: CMPQLayer, r0: int, r1: int) -> CMPQLayer:
-    """Rows ``[r0, r1)`` of a layer as a layer of its own (bias dropped); ``r0`` must start a codebook block."""
-    cr = layer.codebook_rows
-    if not (0 <= r0 < r1 <= layer.n) or r0 % cr:
-        raise ValueError(f"bad row slice [{r0}, {r1}) of n={layer.n} (codebook_rows={cr})")
-    rp = layer.row_ptr
-    a, b = int(rp[r0]), int(rp[r1])
-    return CMPQLayer(
-        n=r1 - r0, k=layer.k, bits=layer.bits, seg_k=layer.seg_k, perm=layer.perm,
-        codes=tuple(c[r0:r1].contiguous() for c in layer.codes),
-        codebooks=tuple(c[r0 // cr:-(-r1 // cr)].contiguous() for c in layer.codebooks),
-        row_ptr=(rp[r0:r1 + 1] - a).contiguous(), col=layer.col[a:b].contiguous(), val=layer.val[a:b].contiguous(),
-        bias=None, codebook_rows=cr).validate()
-
-
-def gate_slices(n: int, rows: int = GATE_ROWS) -> list[tuple[int, int]]:
-    """First, middle and last ``rows`` rows of ``n`` (merged where they overlap), as [r0, r1) pairs."""
-    if n <= 3 * rows:
-        return [(0, n)]
-    mid = (n // 2) // rows * rows
-    return [(0, rows), (mid, mid + rows), (n - rows, n)]
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """||y - ref|| / ||ref|| in float64 (NaN/Inf in y propagate, so ``not err < limit`` catches them)."""
-    y, ref = y.double(), ref.double()
-    den = float(ref.norm())
-    num = float((y - ref).norm())
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
-
-
-def make_row(*, n: int, k: int, m: int, bits: float, info: dict, status: str, gate_err: Optional[float],
-             cmpq: Optional[dict], cublas_us: Optional[float], copy_bw_gbps: Optional[float],
-             graph_us: Optional[float] = None, lat_eager_us: Optional[float] = None,
-             lat_graph_us: Optional[float] = None, graph_status: Optional[str] = None) -> dict:
-    """One result row (``ROW_KEYS`` plus extras); derived numbers are None where an input is missing."""
-    nbytes = cmpq_bytes(info["layer_bytes"], n, k, m)
-    cmpq_us = cmpq["median_us"] if cmpq else None
-    fl = floor_us(nbytes, copy_bw_gbps) if copy_bw_gbps else None
-    return {
-        "n": n, "k": k, "m": m, "bits": bits, "code_bits": info["code_bits"],
-        "effective_bits": info["effective_bits"], "nnz": info["nnz"], "path": path_for(m), "status": status,
-        "layer_bytes": info["layer_bytes"], "cmpq_bytes": nbytes,
-        "cmpq_us": cmpq_us, "cmpq_us_min": cmpq["min_us"] if cmpq else None, "reps": cmpq["reps"] if cmpq else 0,
-        "cublas_us": cublas_us,
-        "speedup": cublas_us / cmpq_us if (cmpq_us and cublas_us) else None,
-        "floor_us": fl, "pct_floor": 100.0 * fl / cmpq_us if (fl and cmpq_us) else None,
-        "cmpq_gbps": gbps(nbytes, cmpq_us) if cmpq_us else None,
-        "graph_us": graph_us, "graph_status": graph_status, "lat_eager_us": lat_eager_us,
-        "lat_graph_us": lat_graph_us, "gate_rel_err": gate_err,
-    }
-
-
-def make_cublas_row(*, n: int, k: int, m: int, timing: dict, copy_bw_gbps: Optional[float],
-                    lat_eager_us: Optional[float] = None, lat_graph_us: Optional[float] = None,
-                    graph_us: Optional[float] = None) -> dict:
-    nbytes = dense_bytes(n, k, m)
-    us = timing["median_us"]
-    fl = floor_us(nbytes, copy_bw_gbps) if copy_bw_gbps else None
-    return {"n": n, "k": k, "m": m, "cublas_bytes": nbytes, "cublas_us": us, "cublas_us_min": timing["min_us"],
-            "reps": timing["reps"], "cublas_gbps": gbps(nbytes, us), "floor_us": fl,
-            "pct_floor": 100.0 * fl / us if fl else None, "graph_us": graph_us, "lat_eager_us": lat_eager_us,
-            "lat_graph_us": lat_graph_us}
-
-
-def crossover(rows: Sequence[dict]) -> dict[str, dict[str, Any]]:
-    """Per shape ('NxK') and bits ('2.5'): the smallest M with cuBLAS faster than CMPQ (speedup < 1), the
-    string 'none' if CMPQ was faster at every timed M, or None if no M of that pair was timed against cuBLAS."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        shape, bits = f"{r['n']}x{r['k']}", f"{r['bits']:g}"
-        cell = out.setdefault(shape, {})
-        if r.get("speedup") is None:
-            cell.setdefault(bits, None)
-            continue
-        cur = cell.get(bits)
-        if r["speedup"] < 1.0:
-            cell[bits] = r["m"] if not isinstance(cur, int) else min(cur, r["m"])
-        elif cur is None:
-            cell[bits] = "none"
-    return out
-
-
-def clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/Inf -> None, tuples -> lists, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
-
-
-def results_doc(meta: dict, rows: list[dict], cublas_rows: list[dict], failures: list[dict], partial: bool,
-                stop_reason: Optional[str]) -> dict:
-    return clean({"meta": meta, "partial": partial, "stop_reason": stop_reason, "rows": rows, "cublas": cublas_rows,
-                  "crossover": crossover(rows), "failures": failures})
-
-
-def check_doc(doc: dict) -> None:
-    """Raise ValueError if ``doc`` lacks a key of the documented schema (used by the tests)."""
-    for key in ("meta", "partial", "stop_reason", "rows", "cublas", "crossover", "failures"):
-        if key not in doc:
-            raise ValueError(f"results: missing top-level key {key!r}")
-    missing = [k for k in META_KEYS if k not in doc["meta"]]
-    if missing:
-        raise ValueError(f"results.meta: missing {missing}")
-    for i, r in enumerate(doc["rows"]):
-        missing = [k for k in ROW_KEYS if k not in r]
-        if missing:
-            raise ValueError(f"results.rows[{i}]: missing {missing}")
-    for i, r in enumerate(doc["cublas"]):
-        missing = [k for k in CUBLAS_KEYS if k not in r]
-        if missing:
-            raise ValueError(f"results.cublas[{i}]: missing {missing}")
-    if not isinstance(doc["partial"], bool):
-        raise ValueError("results.partial must be a bool")
-
-
-def _f(v: Any, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
-
-
-def table_rows_md(rows: Sequence[dict]) -> list[str]:
-    lines = ["| shape (N×K) | M | bits | eff. bits | path | cmpq µs | cuBLAS µs | speedup | % BW floor | cmpq GB/s "
-             "| graph µs |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        cmpq = _f(r["cmpq_us"], ".2f") if r["status"] == "ok" else r["status"].upper()
-        lines.append(f"| {r['n']}×{r['k']} | {r['m']} | {r['bits']:g} | {_f(r['effective_bits'], '.3f')} | "
-                     f"{r['path']} | {cmpq} | {_f(r['cublas_us'], '.2f')} | {_f(r['speedup'], '.2f')} | "
-                     f"{_f(r['pct_floor'], '.0f')} | {_f(r['cmpq_gbps'], '.0f')} | {_f(r.get('graph_us'), '.2f')} |")
-    return lines
-
-
-def cublas_md(rows: Sequence[dict]) -> list[str]:
-    lines = ["| shape (N×K) | M | cuBLAS µs | GB/s | % BW floor | graph µs | host latency eager µs "
-             "| host latency graph µs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['n']}×{r['k']} | {r['m']} | {_f(r['cublas_us'], '.2f')} | {_f(r['cublas_gbps'], '.0f')} | "
-                     f"{_f(r['pct_floor'], '.0f')} | {_f(r.get('graph_us'), '.2f')} | {_f(r['lat_eager_us'], '.1f')} | "
-                     f"{_f(r['lat_graph_us'], '.1f')} |")
-    return lines
-
-
-def crossover_md(cross: dict[str, dict[str, Any]], bits_list: Sequence[float]) -> list[str]:
-    cols = [f"{b:g}" for b in bits_list]
-    lines = ["| shape (N×K) | " + " | ".join(f"{c} bits" for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for shape, cell in cross.items():
-        vals = []
-        for c in cols:
-            v = cell.get(c)
-            vals.append("–" if v is None else ("never" if v == "none" else f"M={v}"))
-        lines.append(f"| {shape.replace('x', '×')} | " + " | ".join(vals) + " |")
-    return lines
-
-
-def latency_md(rows: Sequence[dict]) -> list[str]:
-    sel = [r for r in rows if r.get("lat_eager_us") is not None or r.get("lat_graph_us") is not None]
-    if not sel:
-        return []
-    lines = ["| shape (N×K) | M | bits | cmpq eager µs | cmpq graph µs | GPU-time µs (events) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in sel:
-        lines.append(f"| {r['n']}×{r['k']} | {r['m']} | {r['bits']:g} | {_f(r['lat_eager_us'], '.1f')} | "
-                     f"{_f(r['lat_graph_us'], '.1f')} | {_f(r['cmpq_us'], '.2f')} |")
-    return lines
-
-
-def markdown(doc: dict) -> str:
-    meta = doc["meta"]
-    bw = meta.get("copy_bandwidth") or {}
-    head = [f"# CMPQ GPU benchmark — {meta['device_name']}", ""]
-    if doc["partial"]:
-        head += [f"**PARTIAL RESULTS** (stopped: {doc['stop_reason']}).", ""]
-    head += [
-        f"Device: {meta['device_name']}, {meta['sm_count']} SMs, L2 {_f((meta['l2_bytes'] or 0) / 2**20, '.0f')} MiB, "
-        f"driver {meta['driver_version']}; torch {meta['torch']} (CUDA {meta['torch_cuda']}); {meta['date']}.",
-        f"Measured D2D copy bandwidth: {_f(bw.get('gbps'), '.0f')} GB/s "
-        f"(copy of {_f(bw.get('bytes', 0) / 2**20, '.0f')} "
-        f"MiB, read + write counted). Clocks at start: {meta.get('clocks_start_text') or 'n/a'}.",
-        f"Median of up to {meta['reps']} CUDA-event-timed calls after {meta['warmup']} warmup, L2 flushed before each "
-        f"call ({meta['flush_mode']} {meta['flush_bytes'] >> 20} MiB); x, y float16. speedup = cuBLAS µs / cmpq µs; "
-        f"% BW floor = (cmpq bytes / copy bandwidth) / cmpq µs; graph µs = GPU time of a CUDA-graph replay "
-        f"(M ≤ 8).",
-        "",
-    ]
-    body = table_rows_md(doc["rows"])
-    body += ["", "cuBLAS FP16 (`F.linear`, dense W), once per (shape, M):", ""] + cublas_md(doc["cublas"])
-    body += ["", "Crossover: smallest benchmarked M where cuBLAS FP16 is faster than CMPQ:", ""]
-    body += crossover_md(doc["crossover"], meta["bits"])
-    lat = latency_md(doc["rows"])
-    if lat:
-        body += ["", "Host latency, call → synchronize (includes launch overhead; L2 flushed):", ""] + lat
-    if doc["failures"]:
-        body += ["", "**Correctness-gate failures / errors (not timed):**", ""]
-        body += [f"- {f['case']}: {f['what']}" for f in doc["failures"]]
-    return "\n".join(head + body) + "\n"
-
-
-def write_results(doc: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    tmp.replace(out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(markdown(doc))
-
-
-class Budget:
-    """Wall-clock budget for the whole run (``seconds`` None or <= 0: unlimited)."""
-
-    def __init__(self, seconds: Optional[float], clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self.t0 = clock()
-        self.seconds = seconds if seconds and seconds > 0 else None
-
-    def elapsed(self) -> float:
-        return self.clock() - self.t0
-
-    def remaining(self) -> float:
-        return math.inf if self.seconds is None else self.seconds - self.elapsed()
-
-    def exceeded(self, reserve: float = 0.0) -> bool:
-        return self.remaining() <= reserve
 
 
 # ---- device side ----------------------------------------------------------------------------------------
@@ -665,144 +283,8 @@ class Device:
             return f"{type(e).__name__}: {e}"
 
 
-def _smi(fields: Sequence[str], index: Optional[int]) -> Optional[list[str]]:
-    cmd = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"]
-    if index is not None:
-        cmd += ["-i", str(index)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0 or not res.stdout.strip():
-        return None
-    values = [v.strip() for v in res.stdout.strip().splitlines()[0].split(", ")]
-    return values if len(values) == len(fields) else None
-
-
-def nvidia_smi_query(fields: Sequence[str], index: Optional[int] = None) -> dict[str, str]:
-    """``nvidia-smi --query-gpu`` of ``fields``: one call, or one per field if the batch fails (an unsupported
-    field must not lose the others); {} without nvidia-smi."""
-    values = _smi(fields, index)
-    if values is not None:
-        return dict(zip(fields, values))
-    out: dict[str, str] = {}
-    for field in fields:
-        if shutil.which("nvidia-smi") is None:
-            break
-        v = _smi([field], index)
-        if v is not None:
-            out[field] = v[0]
-    return out
-
-
-def nvidia_smi_info(index: Optional[int]) -> dict[str, str]:
-    info = nvidia_smi_query(SMI_FIELDS, index)
-    for field in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):  # renamed in newer drivers
-        v = _smi([field], index) if info else None
-        if v is not None:
-            info[field] = v[0]
-            break
-    return info
-
-
-SMI_FIELDS = ("name", "driver_version", "pci.bus_id", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
-              "clocks.applications.graphics", "power.draw", "power.limit", "temperature.gpu", "pstate",
-              "persistence_mode", "compute_mode", "ecc.mode.current", "memory.total", "memory.used",
-              "mig.mode.current")
-
-
-def smi_index() -> Optional[int]:
-    """nvidia-smi index of the torch device, when CUDA_VISIBLE_DEVICES does not renumber devices."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return None
-    return torch.cuda.current_device()
-
-
-def clocks_text(smi: dict[str, str]) -> Optional[str]:
-    if "clocks.sm" not in smi:
-        return None
-    return (f"SM {smi.get('clocks.sm')} (max {smi.get('clocks.max.sm', '?')}), mem {smi.get('clocks.mem', '?')}, "
-            f"{smi.get('temperature.gpu', '?')} C, {smi.get('power.draw', '?')} of {smi.get('power.limit', '?')}")
-
-
-def git_commit() -> Optional[str]:
-    try:
-        res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if res.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return res.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def metadata(args: argparse.Namespace, dev: Device, shapes, batches, bits_list) -> dict:
-    meta: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": dev.kind,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cmpq_kernels": getattr(cmpq_kernels, "__version__", None),
-        "git_commit": git_commit(),
-        "backends": cmpq_kernels.backends(),
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "CUDA_LAUNCH_BLOCKING": os.environ.get("CUDA_LAUNCH_BLOCKING"),
-        "warmup": args.warmup, "reps": args.reps, "case_seconds": args.case_seconds,
-        "flush_bytes": dev.flush_bytes, "flush_mode": dev.flush_mode, "graph": args.graph,
-        "outlier_fraction": OUTLIER_FRACTION, "shapes": [f"{n}x{k}" for n, k in shapes], "batches": list(batches),
-        "bits": list(bits_list), "gemv_max_m": GEMV_MAX_M, "gemm_max_m": GEMM_MAX_M,
-        "max_seconds": args.max_seconds, "quick": args.quick,
-        "gate": {"rows_per_slice": GATE_ROWS, "max_decode_rel_err": MAX_DECODE_ERR, "max_gemm_rel_err": MAX_GEMM_ERR},
-        "baseline": "torch.nn.functional.linear(x, W16), W16 float16 [N, K] contiguous (cuBLAS)" if dev.cuda else
-                    "torch.nn.functional.linear(x, W16) on the CPU (--device cpu logic check; timings meaningless)",
-        "layers": "bench_gpu.make_random_layer: random code words/codebooks/perm, 0.5% random outliers, "
-                  "standin.segment_sizes split",
-    }
-    if dev.cuda:
-        props = torch.cuda.get_device_properties(dev.torch_device)
-        smi = nvidia_smi_info(smi_index())
-        try:
-            driver_api = torch._C._cuda_getDriverVersion()
-        except Exception:  # noqa: BLE001 — private API, optional
-            driver_api = None
-        mem_clock_khz = getattr(props, "memory_clock_rate", None)
-        bus_bits = getattr(props, "memory_bus_width", None)
-        meta.update({
-            "device_name": props.name,
-            "driver_version": smi.get("driver_version") or (f"CUDA driver API {driver_api}" if driver_api else None),
-            "compute_capability": f"{props.major}.{props.minor}",
-            "sm_count": props.multi_processor_count,
-            "l2_bytes": getattr(props, "L2_cache_size", None),
-            "total_memory_bytes": props.total_memory,
-            "memory_clock_khz": mem_clock_khz, "memory_bus_width_bits": bus_bits,
-            "theoretical_dram_gbps": (2 * mem_clock_khz * 1e3 * bus_bits / 8 / 1e9) if (mem_clock_khz and bus_bits)
-            else None,
-            "nvidia_smi_start": smi,
-            "clocks_start_text": clocks_text(smi),
-            "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "allow_fp16_reduced_precision_reduction":
-                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-        })
-    else:
-        meta.update({"device_name": f"cpu ({platform.machine()})", "driver_version": None, "sm_count": None,
-                     "l2_bytes": None, "total_memory_bytes": None, "nvidia_smi_start": {}, "clocks_start_text": None})
-    meta["copy_bandwidth"] = None
-    return meta
-
-
 class Terminated(Exception):
     pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001
@@ -848,7 +330,7 @@ class Runner:
 
     def guard(self, case: str, e: BaseException) -> bool:
         """Record an exception; True if the device is still usable."""
-        self.fail(case, f"error: {type(e).__name__}: {_first_line(e)}")
+        self.fail(case, f"error: {type(e).__name__}: {first_line(e)}")
         bad = self.dev.healthy()
         if bad:
             self.stop_reason = f"device unusable after an error in {case}: {bad}"
@@ -885,63 +367,9 @@ class Runner:
         except Exception as e:  # noqa: BLE001 — a capture failure must not end the benchmark...
             if self.dev.healthy() is not None:
                 raise  # ...unless it broke the device: the caller records it and stops
-            return None, None, f"capture failed: {type(e).__name__}: {_first_line(e)}"
+            return None, None, f"capture failed: {type(e).__name__}: {first_line(e)}"
         finally:
             del graph, out
-
-    def gate(self, layer_dev: CMPQLayer, layer_cpu: CMPQLayer, label: str) -> dict[int, tuple[Optional[float], str]]:
-        """Per M: (relative error, 'ok' | 'gate_failed'); see module doc. An op that raises fails its M only,
-        unless it broke the device (then the exception goes up and the run stops)."""
-        dev, n, k = self.dev.torch_device, layer_cpu.n, layer_cpu.k
-        slices = gate_slices(n)
-        idx = torch.cat([torch.arange(a, b) for a, b in slices])
-        idx_dev = idx.to(dev)
-        ref_rows = torch.cat([reference.dequantize(slice_rows(layer_cpu, a, b), torch.float32) for a, b in slices])
-        w: Optional[torch.Tensor] = None
-        try:
-            w = ops.dequantize(layer_dev, torch.float32)
-            decode_err = rel_err(w[idx_dev].cpu(), ref_rows)
-            finite = bool(torch.isfinite(w).all())
-            decode_problem = None if (decode_err < MAX_DECODE_ERR and finite) else (
-                f"relative error {decode_err:.3g} (limit {MAX_DECODE_ERR:g}) on rows {slices}, all finite: {finite}")
-        except Exception as e:  # noqa: BLE001
-            if self.dev.healthy() is not None:
-                raise
-            decode_problem = f"raised {type(e).__name__}: {_first_line(e)}"
-        if decode_problem:
-            w = None
-            self.fail(label, f"GATE FAILED (decode): ops.dequantize vs reference.dequantize: {decode_problem}; the "
-                             f"decode+cublas path (M > {GEMM_MAX_M}) is not timed, smaller M are gated on the "
-                             f"reference rows only")
-        result: dict[int, tuple[Optional[float], str]] = {}
-        gen = torch.Generator().manual_seed(1234)
-        for m in self.batches:
-            x = torch.randn(m, k, generator=gen).to(torch.float16)
-            if decode_problem and path_for(m) == "decode+cublas":
-                result[m] = (None, "gate_failed")
-                continue
-            try:
-                x_dev = x.to(dev)
-                y = ops.gemm(x_dev, layer_dev)
-                if tuple(y.shape) != (m, n) or y.dtype != torch.float16:
-                    raise ValueError(f"output shape {tuple(y.shape)} dtype {y.dtype}, expected ({m}, {n}) float16")
-                err_rows = rel_err(y[:, idx_dev].cpu().float(), x.float() @ ref_rows.T)
-                err_full = rel_err(y.float(), x_dev.float() @ w.T) if w is not None else None
-                err = err_rows if err_full is None else (
-                    max(err_rows, err_full) if not (math.isnan(err_full) or math.isnan(err_rows)) else math.nan)
-                ok = err < MAX_GEMM_ERR and bool(torch.isfinite(y).all())
-                what = (f"relative error {_f(err_full, '.3g')} (all rows vs x @ W.T), {err_rows:.3g} (CPU reference "
-                        f"rows), limit {MAX_GEMM_ERR:g}")
-                del x_dev, y
-            except Exception as e:  # noqa: BLE001
-                if self.dev.healthy() is not None:
-                    raise
-                err, ok, what = None, False, f"raised {type(e).__name__}: {_first_line(e)}"
-            if not ok:
-                self.fail(f"{label} M={m}", f"GATE FAILED ({path_for(m)}): ops.gemm {what}; not timed")
-            result[m] = (err, "ok" if ok else "gate_failed")
-        del w
-        return result
 
     def bench_cublas(self, n: int, k: int) -> dict[int, dict]:
         """cuBLAS FP16 timings per M for one shape (a random dense W16)."""
@@ -969,7 +397,7 @@ class Runner:
                 self.cublas_rows.append(row)
                 res[m] = row
                 self.log(f"  cuBLAS {n}x{k} M={m}: {t['median_us']:.2f} us ({row['cublas_gbps']:.0f} GB/s, "
-                         f"{_f(row['pct_floor'], '.0f')}% of floor)")
+                         f"{fmt(row['pct_floor'], '.0f')}% of floor)")
         finally:
             w16 = None  # noqa: F841  (free the weight before the next shape)
             self.dev.empty_cache()
@@ -987,7 +415,7 @@ class Runner:
                  f"{info['effective_bits']:.3f}, nnz {info['nnz']}, built in {build_s:.1f} s")
         try:
             t0 = time.perf_counter()
-            gate = self.gate(layer, layer_cpu, label)
+            gate = gate_layer(layer, layer_cpu, self.batches, label, self.fail, self.dev.healthy)
             self.dev.sync()
             self.dev.empty_cache()
             errs = ", ".join(f"M={m} {e:.2g}" if e is not None else f"M={m} FAIL" for m, (e, _) in gate.items())
@@ -1026,8 +454,8 @@ class Runner:
                                lat_eager_us=lat_e, lat_graph_us=lat_g, graph_status=graph_status)
                 self.rows.append(row)
                 self.log(f"  {label} M={m} [{row['path']}]: cmpq {t['median_us']:.2f} us, cuBLAS "
-                         f"{_f(row['cublas_us'], '.2f')} us, speedup {_f(row['speedup'], '.2f')}, "
-                         f"{_f(row['pct_floor'], '.0f')}% of floor"
+                         f"{fmt(row['cublas_us'], '.2f')} us, speedup {fmt(row['speedup'], '.2f')}, "
+                         f"{fmt(row['pct_floor'], '.0f')}% of floor"
                          + (f", graph {graph_us:.2f} us" if graph_us else ""))
         finally:
             layer = None  # noqa: F841  (one layer on the device at a time)
@@ -1142,7 +570,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runner.stop_reason = f"interrupted ({type(e).__name__} {e})"
     except Exception as e:  # noqa: BLE001 — a bug here must still leave the finished cases on disk
         traceback.print_exc()
-        runner.stop_reason = f"internal error: {type(e).__name__}: {_first_line(e)}"
+        runner.stop_reason = f"internal error: {type(e).__name__}: {first_line(e)}"
         runner.failures.append({"case": "bench_gpu", "what": f"error: {runner.stop_reason}"})
     finally:
         signal.signal(signal.SIGTERM, old)

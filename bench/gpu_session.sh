@@ -135,7 +135,8 @@ import torch
 sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
 import cmpq_kernels
 from cmpq_kernels import ops, reference
-from bench_gpu import make_random_layer, path_for
+from gpu_results import path_for
+from random_layers import make_random_layer
 
 dev = os.environ.get("CMPQ_CHECK_DEVICE", "cuda")
 small = os.environ.get("CMPQ_CHECK_SMALL") == "1"

@@ -6,6 +6,11 @@ reach the kernels. Everything is seeded: a failure reproduces from its test id.
 """
 from __future__ import annotations
 
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Optional, Sequence
 
 import numpy as np
@@ -15,6 +20,8 @@ import torch
 import cmpq_kernels  # noqa: F401  (registers torch.ops.cmpq)
 from cmpq_kernels import reference
 from cmpq_kernels.format import SEGMENT_BITS, CMPQLayer
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 # Per activation dtype: (norm-relative tolerance, unit roundoff of the output dtype).
 # The op accumulates in FP32 and rounds the result to x.dtype once, so the error against the float64
@@ -131,3 +138,18 @@ def cpu_isa(request, monkeypatch) -> str:
     if isa != request.param:
         pytest.skip(f"this CPU runs the {isa} kernel only")
     return isa
+
+
+def import_bench(name: str) -> ModuleType:
+    """A module of ``bench/`` (scripts, not a package), imported with ``bench/`` on sys.path as the scripts
+    themselves import their sibling modules."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
+
+
+def strict_json(path: Path) -> dict:
+    """A results file parsed as standard JSON: NaN / Infinity (which ``json`` writes by default) fail."""
+    def bad(token: str) -> None:
+        raise ValueError(f"non-standard JSON constant {token}")
+    return json.loads(path.read_text(), parse_constant=bad)

@@ -1,28 +1,31 @@
 """The optional peer quantizers of bench/accuracy.py (HQQ, bitsandbytes NF4): error and bit accounting.
 
-Each peer test skips when its package is missing (``pip install bitsandbytes``;
-``DISABLE_CUDA=1 pip install --no-deps hqq termcolor``). The bounds are for a seeded 256 x 512 Gaussian
-matrix; they leave ~25 % margin over the measured errors, and the 2 -> 3 -> 4 bit ordering catches bits
-that are mis-passed, a wrong dequantize blows the bounds.
+Each peer test skips when its package is missing, and the skip reason (``pytest -rs``) gives the command that
+installs it; both install and run on a CPU-only machine (about 10 s for this file). The bounds are for a
+seeded 256 x 512 Gaussian matrix; they leave ~25 % margin over the measured errors, and the 2 -> 3 -> 4 bit
+ordering catches bits that are mis-passed, a wrong dequantize blows the bounds.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-acc = importlib.util.module_from_spec(_spec)
-sys.modules["bench_accuracy"] = acc
-_spec.loader.exec_module(acc)
+from conftest import import_bench
+
+acc = import_bench("accuracy")
 
 N, K = 256, 512
+
+
+def require_peer(kind: str) -> None:
+    """Skip unless the optional package of peer ``kind`` ('hqq', 'nf4', 'nf4dq') imports; say how to get it."""
+    package, pip = acc.PEERS[kind]
+    pytest.importorskip(package, reason=f"optional peer quantizer {package!r} not installed; CI can add it "
+                                        f"with: {pip}")
 
 
 def gaussian() -> torch.Tensor:
@@ -36,7 +39,7 @@ def rel_err(spec: str, w: torch.Tensor) -> float:
 
 
 def test_hqq_error_falls_with_bits() -> None:
-    pytest.importorskip("hqq")
+    require_peer("hqq")
     w = gaussian()
     e2, e3, e4 = (rel_err(f"hqq:b{b}:g64", w) for b in (2, 3, 4))
     assert e2 < 0.55 and e3 < 0.23 and e4 < 0.11, (e2, e3, e4)  # measured 0.43, 0.18, 0.087
@@ -44,7 +47,7 @@ def test_hqq_error_falls_with_bits() -> None:
 
 
 def test_nf4_error() -> None:
-    pytest.importorskip("bitsandbytes")
+    require_peer("nf4")
     w = gaussian()
     single, double = rel_err("nf4:g64", w), rel_err("nf4dq:g64", w)
     assert single < 0.115, single  # measured 0.092
@@ -60,7 +63,7 @@ def test_nf4_error() -> None:
     ("nf4dq:g64", 4.0, 4 + 8 / 64 + (8 * 32 + 32) / (N * K)),  # uint8 absmax, 8 fp32 absmax2, fp32 offset
 ])
 def test_effective_bits(spec: str, code_bits: float, effective_bits: float) -> None:
-    pytest.importorskip(acc.PEERS[spec.split(":")[0]][0])
+    require_peer(spec.split(":")[0])
     _, code, total = acc.peer_quantizer(spec)(gaussian())
     assert code / (N * K) == pytest.approx(code_bits, abs=1e-12)
     assert total / (N * K) == pytest.approx(effective_bits, abs=1e-12)
@@ -74,7 +77,7 @@ def test_missing_package_names_pip_command(monkeypatch: pytest.MonkeyPatch, spec
 
 
 def test_run_method_replaces_block_linears() -> None:
-    pytest.importorskip("bitsandbytes")
+    require_peer("nf4")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
