@@ -3,44 +3,40 @@
 A checkpoint is a directory::
 
     config.json          the model's config plus "quantization_config" (quant_method "cmpq", format_version,
-                         bits, effective bits, settings, one entry per quantized module, weights sha256)
+                         bits, effective bits, settings, one entry per quantized module, SHA-256 of the weights)
     model.safetensors    "<module>.cmpq.<field>" for every CMPQLinear (perm, codes4/3/2, codebook4/3/2 fp16,
-                         row_ptr, col, val fp16), "<module>.bias", and every other tensor under its own name
+                         row_ptr, col, val fp16), "<module>.bias", and every other tensor under its own name;
+                         or shards model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                         (:mod:`.shards`), each with its SHA-256
     tokenizer files, generation_config.json (when given / present)
 
 Never pickle. Writes go to a temporary sibling directory that is renamed into place at the end, so an
-interrupted save leaves nothing half-written under the target name. Loading validates everything the
-format promises (:meth:`CMPQLayer.validate`) plus the file's SHA-256, so a truncated, bit-flipped or edited
-file raises ``ValueError`` naming the problem instead of producing wrong logits.
+interrupted save leaves nothing half-written under the target name. Loading builds the model skeleton on the
+``meta`` device (no memory for the floating-point weights), checks every tensor's name, shape and dtype from
+the safetensors headers against it before reading any data, then reads tensors one at a time into the final
+modules. Everything the format promises (:meth:`CMPQLayer.validate`) and every file's SHA-256 are checked, so
+a truncated, bit-flipped or edited file raises ``ValueError`` naming the problem instead of producing wrong
+logits.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
-from typing import Any, Container, Iterable
+from typing import Any, Container, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .format import FORMAT_VERSION, LAYER_FIELDS, CMPQLayer
 from .nn import CMPQLinear
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles, verify_files, weight_files
 from .surgery import quantized_modules, replace_module
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "cmpq"
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unique_state(model: nn.Module, skip: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -66,8 +62,8 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _unique_state(model)[0].values())
 
 
-def _quantization_config(quantized: dict[str, CMPQLinear], report: Any, aliases: dict[str, str]) -> dict:
-    layers = {name: m.layer for name, m in quantized.items()}
+def quantization_config(layers: dict[str, CMPQLayer], settings: Optional[dict], aliases: dict[str, str]) -> dict:
+    """The ``quantization_config`` of a checkpoint holding ``layers`` (without the weights' SHA-256)."""
     weights = sum(l.n * l.k for l in layers.values())
     stored = sum(sum(l.storage_bits().values()) for l in layers.values())
     code = sum(l.code_bits * l.n * l.k for l in layers.values())
@@ -83,67 +79,94 @@ def _quantization_config(quantized: dict[str, CMPQLinear], report: Any, aliases:
                            "bias": l.bias is not None} for name, l in layers.items()},
         "tied": aliases,
     }
-    if report is not None:
-        config["settings"] = report.settings
+    if settings is not None:
+        config["settings"] = settings
     return config
 
 
+def layer_tensors(name: str, layer: CMPQLayer) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of module ``name``: ``<name>.cmpq.<field>`` and ``<name>.bias``."""
+    tensors = {f"{name}.cmpq.{field}": t for field, t in layer.fields().items()}
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = layer.bias
+    return tensors
+
+
+def new_writer(staging: str, max_shard_bytes: int) -> ShardWriter:
+    """A shard writer whose files say what they hold."""
+    return ShardWriter(staging, max_shard_bytes, {"quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)})
+
+
+def digest_record(digests: dict[str, str]) -> str | dict[str, str]:
+    """``weights_sha256`` as stored: one digest for a single ``model.safetensors``, else ``{shard: digest}``."""
+    return next(iter(digests.values())) if len(digests) == 1 else digests
+
+
+def write_config(staging: str, config: dict, qconfig: dict, dtype: torch.dtype) -> None:
+    """``config.json``: the model's ``config`` plus ``quantization_config`` and the dtype to build the model in.
+
+    Without ``"dtype"``, transformers' ``from_pretrained(dtype="auto")`` takes the file's first floating tensor,
+    which can be a CMPQ fp16 codebook.
+    """
+    config = {**config, "dtype": str(dtype).split(".")[-1], "quantization_config": qconfig}
+    with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str, overwrite: bool) -> Iterator[str]:
+    """A temporary sibling of ``directory`` to write into; renamed into place when the ``with`` block ends
+    without error, removed otherwise. An existing ``directory`` is replaced only by a complete new one."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+    try:
+        yield staging
+        _move_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_quantized(model: nn.Module, directory: str, tokenizer: Any = None, report: Any = None, *,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Write ``model`` (with its :class:`CMPQLinear` layers) as a CMPQ checkpoint directory.
 
     Args:
         model: a Hugging Face causal LM quantized by :func:`cmpq_kernels.quantize_model` (needs ``.config``).
         directory: target; must not exist unless ``overwrite``.
         tokenizer: saved alongside (``save_pretrained``) when given.
-        report: the :class:`~cmpq_kernels.quantize.QuantReport`; its settings (allocator, outlier fractions,
+        report: the :class:`~cmpq_kernels.quantize.QuantReport`; its settings (quantizer options,
             calibration) go into ``quantization_config``.
         overwrite: replace an existing directory (only after the new one is complete).
+        max_shard_bytes: largest weights file; more tensors than that are written as shards plus an index.
 
-    Returns the ``quantization_config`` written, plus ``file_bytes`` (size of ``model.safetensors``).
+    Returns the ``quantization_config`` written, plus ``file_bytes`` (bytes of the weights files).
     """
-    from safetensors.torch import save_file
-
     quantized = quantized_modules(model)
     if not quantized:
         raise ValueError("model has no CMPQLinear layers: quantize it first (cmpq_kernels.quantize_model)")
     if not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} has no .config: save_quantized needs a Hugging Face model")
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
     plain, aliases = _unique_state(model, tuple(f"{name}." for name in quantized))
-    tensors = {key: t.detach().cpu().contiguous() for key, t in plain.items()}
-    for name, module in quantized.items():
-        tensors.update({f"{name}.cmpq.{field}": t.detach().cpu().contiguous()
-                        for field, t in module.layer.fields().items()})
-        if module.bias is not None:
-            tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
-    qconfig = _quantization_config(quantized, report, aliases)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-    try:
-        weights_path = os.path.join(staging, WEIGHTS_NAME)
-        save_file(tensors, weights_path, metadata={"format": "pt", "quant_method": QUANT_METHOD,
-                                                   "format_version": str(FORMAT_VERSION)})
-        qconfig["weights_sha256"] = sha256_of(weights_path)
-        config = model.config.to_dict()
-        # Without "dtype", transformers' from_pretrained(dtype="auto") takes the file's first floating tensor,
-        # which can be a CMPQ fp16 codebook: record the dtype load_quantized builds the model in.
-        config["dtype"] = str(model_dtype(t.dtype for k, t in tensors.items() if ".cmpq." not in k)).split(".")[-1]
-        config["quantization_config"] = qconfig
-        with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+    layers = {name: module.layer for name, module in quantized.items()}
+    tensors = {**plain, **{k: t for name, layer in layers.items() for k, t in layer_tensors(name, layer).items()}}
+    qconfig = quantization_config(layers, None if report is None else report.settings, aliases)
+    with staged_directory(directory, overwrite) as staging:
+        writer = new_writer(staging, max_shard_bytes)
+        for key, tensor in tensors.items():
+            writer.add(key, tensor)
+        qconfig["weights_sha256"] = digest_record(writer.finish())
+        write_config(staging, model.config.to_dict(), qconfig,
+                     model_dtype(t.dtype for k, t in tensors.items() if ".cmpq." not in k))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _move_into_place(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return {**qconfig, "file_bytes": os.path.getsize(os.path.join(directory, WEIGHTS_NAME))}
+    return {**qconfig, "file_bytes": checkpoint_bytes(directory)["weights"]}
 
 
 def _move_into_place(staging: str, directory: str) -> None:
@@ -219,15 +242,21 @@ def model_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def verify_weights(path: str, qconfig: dict) -> None:
-    """Raise ``ValueError`` unless the SHA-256 of ``path`` equals ``quantization_config.weights_sha256``."""
+def verify_weights(directory: str, qconfig: dict) -> None:
+    """Raise ``ValueError`` unless every weights file's SHA-256 equals ``quantization_config.weights_sha256``."""
     expected = qconfig.get("weights_sha256")
-    if not isinstance(expected, str):
-        raise ValueError(f"{os.path.dirname(path)}: quantization_config has no weights_sha256 "
+    if expected is None:
+        raise ValueError(f"{directory}: quantization_config has no weights_sha256 "
                          "(load_quantized(..., verify=False) skips the check)")
-    if sha256_of(path) != expected:
-        raise ValueError(f"{path}: SHA-256 does not match quantization_config.weights_sha256: the file is "
-                         "truncated, corrupted or was modified after saving")
+    verify_files(directory, weight_files(directory), expected)
+
+
+def open_checkpoint(directory: str, verify: bool) -> tuple[dict, dict, TensorFiles]:
+    """``(model config, quantization_config, tensor files)`` of a CMPQ checkpoint, the files verified."""
+    config, qconfig = read_quantization_config(directory)
+    if verify:
+        verify_weights(directory, qconfig)
+    return config, qconfig, TensorFiles(directory)
 
 
 def check_target(model: nn.Module, name: str, entry: dict) -> None:
@@ -241,21 +270,6 @@ def check_target(model: nn.Module, name: str, entry: dict) -> None:
     if (target.out_features, target.in_features) != (entry.get("out_features"), entry.get("in_features")):
         raise ValueError(f"{name}: model has {target.out_features}x{target.in_features}, config says "
                          f"{entry.get('out_features')}x{entry.get('in_features')}")
-
-
-def _open_weights(directory: str, qconfig: dict, verify: bool) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: {WEIGHTS_NAME} is missing")
-    if verify:
-        verify_weights(path, qconfig)
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: unreadable safetensors file ({err})") from None
 
 
 def check_layer_keys(name: str, entry: dict, keys: Container[str]) -> None:
@@ -292,14 +306,22 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor])
         raise ValueError(f"{name}: {err}") from None
 
 
+def load_layer(files: TensorFiles, name: str, entry: dict) -> CMPQLayer:
+    """Read and validate the layer of module ``name`` (see :func:`layer_from_tensors`)."""
+    check_layer_keys(name, entry, files.header)
+    keys = [k for k in (*(f"{name}.cmpq.{f}" for f in LAYER_FIELDS), f"{name}.bias") if k in files.header]
+    return layer_from_tensors(name, entry, {k: files.get(k) for k in keys})
+
+
 def read_layers(directory: str, verify: bool = True) -> tuple[dict, dict[str, CMPQLayer]]:
     """``(quantization_config, {module: CMPQLayer})`` of a checkpoint, every layer validated; no model is built."""
-    _, qconfig = read_quantization_config(directory)
-    tensors = _open_weights(directory, qconfig, verify)
-    return qconfig, {name: layer_from_tensors(name, entry, tensors) for name, entry in qconfig["modules"].items()}
+    _, qconfig, files = open_checkpoint(directory, verify)
+    with files:
+        return qconfig, {name: load_layer(files, name, entry) for name, entry in qconfig["modules"].items()}
 
 
-def _build_model(config: dict, dtype: torch.dtype) -> nn.Module:
+def build_skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` with its parameters on the ``meta`` device (buffers, which are small, are real)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = config.get("model_type")
@@ -309,8 +331,11 @@ def _build_model(config: dict, dtype: torch.dtype) -> nn.Module:
         hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
     except (ValueError, KeyError) as err:
         raise ValueError(f"config.json: transformers cannot build model_type {model_type!r} ({err})") from None
+    from accelerate import init_empty_weights
+
     try:
-        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated yet
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:  # e.g. a negative size in an edited config
         raise ValueError(f"config.json: cannot build a {model_type!r} causal LM from it ({err})") from None
 
@@ -318,77 +343,91 @@ def _build_model(config: dict, dtype: torch.dtype) -> nn.Module:
 def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized`: the model in eval mode on ``device``.
 
-    Checks, each failure a ``ValueError`` (``FileNotFoundError`` for missing files) naming the problem:
-    ``quant_method`` and ``format_version``; the file's SHA-256 against the config (``verify``); that the
-    safetensors file parses; every quantized module exists as an ``nn.Linear`` of the recorded shape; every
+    The floating-point model is never materialised: the skeleton is built on ``meta``, every tensor is checked
+    against it from the file headers, then read once into its final module (peak memory about the checkpoint's
+    size). Checks, each failure a ``ValueError`` (``FileNotFoundError`` for missing files) naming the problem:
+    ``quant_method`` and ``format_version``; every file's SHA-256 against the config (``verify``); that the
+    safetensors files parse; every quantized module exists as an ``nn.Linear`` of the recorded shape; every
     layer passes :meth:`CMPQLayer.validate` (dtypes, shapes, permutation, CSR, finite codebooks); no tensor
-    is missing or left over. The tokenizer is loaded separately (``AutoTokenizer.from_pretrained(directory)``).
+    is missing, left over or of another shape. The tokenizer is loaded separately
+    (``AutoTokenizer.from_pretrained(directory)``).
     """
     directory = os.fspath(directory)
-    config, qconfig = read_quantization_config(directory)
-    tensors = _open_weights(directory, qconfig, verify)
-    model = _build_model(config, model_dtype(t.dtype for k, t in tensors.items() if ".cmpq." not in k))
-    check_no_stray(tensors, qconfig["modules"])
-    for name, entry in qconfig["modules"].items():
-        check_target(model, name, entry)
-        replace_module(model, name, CMPQLinear(layer_from_tensors(name, entry, tensors)))
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as err:  # a plain tensor of the wrong shape
-        raise ValueError(f"checkpoint does not match the model: {err}") from None
-    tied = qconfig.get("tied", {})
-    missing = sorted(k for k in missing if k.rpartition(".")[0] not in qconfig["modules"] and k not in tied)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    config, qconfig, files = open_checkpoint(directory, verify)
+    modules, tied = qconfig["modules"], qconfig.get("tied", {})
+    with files:
+        model = build_skeleton(config, model_dtype(d for k, (_, d) in files.header.items() if ".cmpq." not in k))
+        check_no_stray(files.header, modules)
+        for name, entry in modules.items():
+            check_target(model, name, entry)
+            check_layer_keys(name, entry, files.header)
+        plain = _plain_tensors(model, modules, tied)
+        _check_plain_header(plain, files.header, modules)  # before any tensor data is read
+        for name, entry in modules.items():
+            replace_module(model, name, CMPQLinear(load_layer(files, name, entry)))
+        for key in plain:
+            _assign(model, key, files.get(key))
     fill_tied(model, tied)
     return model.eval().to(device)
+
+
+def _plain_tensors(model: nn.Module, modules: Container[str], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The skeleton's state tensors that the file must hold: all but quantized modules' and dropped aliases."""
+    return {k: t for k, t in model.state_dict().items() if k.rpartition(".")[0] not in modules and k not in tied}
+
+
+def _check_plain_header(plain: dict[str, torch.Tensor], header: dict, modules: Container[str]) -> None:
+    missing = sorted(k for k in plain if k not in header)
+    unexpected = sorted(k for k in header if k not in plain and ".cmpq." not in k
+                        and not (k.endswith(".bias") and k[:-len(".bias")] in modules))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, tensor in plain.items():
+        if tuple(header[key][0]) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint does not match the model: {key} is {list(header[key][0])} in the file, "
+                             f"{list(tensor.shape)} in the model built from config.json")
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the skeleton's ``key``, cast to the model's dtype as ``load_state_dict`` would."""
+    owner_name, _, leaf = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = getattr(owner, leaf)
+    if old.is_floating_point() and tensor.is_floating_point():
+        tensor = tensor.to(old.dtype)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = tensor
 
 
 @torch.no_grad()
 def fill_tied(model: nn.Module, tied: dict[str, str]) -> None:
     """Give every alias that :func:`save_quantized` dropped (``quantization_config.tied``: alias -> kept name) its
-    source's values, unless the model already ties the two."""
+    source's values: shared again where the alias is still an empty (``meta``) skeleton tensor, copied where it
+    was allocated, left alone where the model already ties the two."""
     for alias, source in tied.items():
         try:
             dst, src = model.get_parameter_or_buffer(alias), model.get_parameter_or_buffer(source)
         except AttributeError:
             raise ValueError(f"quantization_config.tied: {alias} -> {source} names a tensor this model lacks") from None
-        if dst is not src and dst.data_ptr() != src.data_ptr():
+        if dst.is_meta:
+            if dst.shape != src.shape:
+                raise ValueError(f"tied {alias} -> {source}: shapes {tuple(dst.shape)} and {tuple(src.shape)}")
+            owner_name, _, leaf = alias.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = src
+        elif dst is not src and dst.data_ptr() != src.data_ptr():
             if dst.shape != src.shape:
                 raise ValueError(f"tied {alias} -> {source}: shapes {tuple(dst.shape)} and {tuple(src.shape)}")
             dst.copy_(src)
 
 
-#: safetensors header dtype -> torch dtype.
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def read_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``name -> (shape, torch dtype)`` from a safetensors header; no tensor data is read."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = {}
-            for key in f.keys():
-                info = f.get_slice(key)
-                dtype = info.get_dtype()
-                if dtype not in _SAFETENSORS_DTYPES:
-                    raise ValueError(f"{path}: tensor {key} has unsupported dtype {dtype}")
-                header[key] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES[dtype])
-            return header
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"{path}: unreadable safetensors file ({err})") from None
-
-
 def checkpoint_bytes(directory: str) -> dict[str, int]:
-    """Bytes on disk: ``weights`` (model.safetensors), ``quantized`` (the CMPQ tensors only), ``total`` (all files)."""
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    quantized = sum(math.prod(shape) * dtype.itemsize for key, (shape, dtype) in read_header(weights).items()
-                    if ".cmpq." in key)
+    """Bytes on disk: ``weights`` (the safetensors files), ``quantized`` (the CMPQ tensors only), ``total`` (all
+    files in the directory)."""
+    with TensorFiles(directory) as files:
+        quantized = files.bytes_of(k for k in files.header if ".cmpq." in k)
+        weights = sum(os.path.getsize(os.path.join(directory, f)) for f in files.files)
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
-    return {"weights": os.path.getsize(weights), "quantized": quantized, "total": total}
+    return {"weights": weights, "quantized": quantized, "total": total}

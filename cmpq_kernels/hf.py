@@ -52,10 +52,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils import logging as _hf_logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (QUANT_METHOD, WEIGHTS_NAME, check_layer_keys, check_no_stray, check_target, fill_tied,
-                         layer_from_tensors, model_dtype, read_header, read_quantization_config, verify_weights)
+from .checkpoint import (QUANT_METHOD, check_layer_keys, check_no_stray, check_target, fill_tied, layer_from_tensors,
+                         model_dtype, read_quantization_config, verify_weights)
 from .format import LAYER_FIELDS
 from .nn import CMPQLinear
+from .shards import INDEX_NAME, WEIGHTS_NAME, Header, TensorFiles, weight_files
 from .surgery import replace_module
 
 __all__ = ["CMPQConfig", "CMPQHfQuantizer", "register"]
@@ -108,17 +109,25 @@ class _PendingCMPQLinear(nn.Module):
         raise RuntimeError("CMPQ layer placeholder: from_pretrained did not finish loading this module")
 
 
-def _weights_path(checkpoint_files: Optional[list]) -> str:
+def _weights_dir(checkpoint_files: Optional[list]) -> str:
+    """The checkpoint directory behind the weight files transformers resolved (one file, or the shards)."""
     if not checkpoint_files:
-        raise ValueError("CMPQ checkpoints load from a directory holding model.safetensors; "
+        raise ValueError("CMPQ checkpoints load from a directory holding model.safetensors (or its shards); "
                          "from_pretrained found no checkpoint file (a state_dict= argument is not supported)")
-    if len(checkpoint_files) != 1 or not str(checkpoint_files[0]).endswith(".safetensors"):
-        raise ValueError(f"a CMPQ checkpoint is one {WEIGHTS_NAME} file (written by cmpq_kernels.save_quantized); "
-                         f"from_pretrained resolved {list(map(str, checkpoint_files))}")
-    return os.fspath(checkpoint_files[0])
+    files = [os.fspath(f) for f in checkpoint_files]
+    directories = {os.path.dirname(f) for f in files}
+    if len(directories) != 1 or not all(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"a CMPQ checkpoint is {WEIGHTS_NAME} or its shards in one directory (written by "
+                         f"cmpq_kernels.save_quantized); from_pretrained resolved {files}")
+    return directories.pop()
 
 
-def _plain_dtype(header: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> torch.dtype:
+def _header(directory: str) -> Header:
+    with TensorFiles(directory) as files:
+        return files.header
+
+
+def _plain_dtype(header: Header) -> torch.dtype:
     return model_dtype(dtype for key, (_, dtype) in header.items() if ".cmpq." not in key)
 
 
@@ -142,21 +151,21 @@ class CMPQHfQuantizer(HfQuantizer):
         # file (so a damaged header is reported as a SHA-256 mismatch, not as a transformers parse error). Hub ids
         # (no local directory yet) are checked, with a warning, once the file is known.
         if getattr(config, "dtype", None) is None:
-            path = os.path.join(os.fspath(getattr(config, "name_or_path", None) or ""), WEIGHTS_NAME)
-            if os.path.isfile(path):
-                self._check_file(path)
-                config.dtype = _plain_dtype(read_header(path))
+            directory = os.fspath(getattr(config, "name_or_path", None) or "")
+            if any(os.path.isfile(os.path.join(directory, name)) for name in (WEIGHTS_NAME, INDEX_NAME)):
+                self._check_directory(directory)
+                config.dtype = _plain_dtype(_header(directory))
             else:
                 self._dtype_unresolved = True
         return config
 
-    def _check_file(self, path: str) -> dict:
-        """quant_method / format_version / modules of the directory's config.json, and the file's SHA-256; once."""
-        stat = os.stat(path)
-        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    def _check_directory(self, directory: str) -> dict:
+        """quant_method / format_version / modules of the directory's config.json, and the files' SHA-256; once."""
+        stats = [os.stat(os.path.join(directory, f)) for f in weight_files(directory)]
+        key = (os.path.realpath(directory), tuple((st.st_size, st.st_mtime_ns) for st in stats))
         if self._checked is None or self._checked[0] != key:
-            _, qconfig = read_quantization_config(os.path.dirname(path))
-            verify_weights(path, qconfig)
+            _, qconfig = read_quantization_config(directory)
+            verify_weights(directory, qconfig)
             self._checked = (key, qconfig)
         return self._checked[1]
 
@@ -182,13 +191,11 @@ class CMPQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Optional[list] = None,
                                              **kwargs: Any) -> nn.Module:
-        path = _weights_path(checkpoint_files)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{os.path.dirname(path)}: {WEIGHTS_NAME} is missing")
-        qconfig = self._check_file(path)
-        header = read_header(path)
+        directory = _weights_dir(checkpoint_files)
+        qconfig = self._check_directory(directory)
+        header = _header(directory)
         if self._dtype_unresolved and self._dtype != _plain_dtype(header):
-            logger.warning(f"{path}: config.json has no dtype and the model was built as {self._dtype}; "
+            logger.warning(f"{directory}: config.json has no dtype and the model was built as {self._dtype}; "
                            f"cmpq_kernels.load_quantized would use {_plain_dtype(header)} (pass dtype=... to match)")
         modules = qconfig["modules"]
         for name, entry in modules.items():

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import cmpq_kernels  # noqa: E402
 import cmpq_kernels.hf  # noqa: E402,F401  (registers quant_method "cmpq")
 from cmpq_kernels import CMPQLinear  # noqa: E402
-from cmpq_kernels.checkpoint import sha256_of  # noqa: E402
+from cmpq_kernels.shards import sha256_of  # noqa: E402
 
 VOCAB = 256
 # name -> (LlamaConfig overrides, quantize_model options)

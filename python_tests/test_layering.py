@@ -18,7 +18,7 @@ LAYERS = (
     ("reference",),
     ("ops",),
     ("nn",),
-    ("surgery",),
+    ("surgery", "shards"),
     ("quantize",),
     ("checkpoint",),
     ("hf", "models"),
