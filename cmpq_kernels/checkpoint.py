@@ -62,21 +62,28 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _unique_state(model)[0].values())
 
 
-def quantization_config(layers: dict[str, CMPQLayer], settings: Optional[dict], aliases: dict[str, str]) -> dict:
-    """The ``quantization_config`` of a checkpoint holding ``layers`` (without the weights' SHA-256)."""
-    weights = sum(l.n * l.k for l in layers.values())
-    stored = sum(sum(l.storage_bits().values()) for l in layers.values())
-    code = sum(l.code_bits * l.n * l.k for l in layers.values())
-    bits = sorted({l.bits for l in layers.values()})
+def layer_entry(layer: CMPQLayer) -> dict:
+    """What ``quantization_config.modules`` records of one layer, plus its stored and code bits (summed into the
+    model-wide figures by :func:`quantization_config`, then dropped)."""
+    return {"in_features": layer.k, "out_features": layer.n, "bits": layer.bits, "codebook_rows": layer.codebook_rows,
+            "bias": layer.bias is not None, "stored_bits": sum(layer.storage_bits().values()),
+            "code_bits": layer.code_bits * layer.n * layer.k}
+
+
+def quantization_config(entries: dict[str, dict], settings: Optional[dict], aliases: dict[str, str]) -> dict:
+    """The ``quantization_config`` of a checkpoint whose layers :func:`layer_entry` described (without the
+    weights' SHA-256)."""
+    weights = sum(e["in_features"] * e["out_features"] for e in entries.values())
+    bits = sorted({e["bits"] for e in entries.values()})
     config = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "bits": bits[0] if len(bits) == 1 else bits,
-        "code_bits": code / weights,
-        "effective_bits": stored / weights,
+        "code_bits": sum(e["code_bits"] for e in entries.values()) / weights,
+        "effective_bits": sum(e["stored_bits"] for e in entries.values()) / weights,
         "quantized_weights": weights,
-        "modules": {name: {"in_features": l.k, "out_features": l.n, "bits": l.bits, "codebook_rows": l.codebook_rows,
-                           "bias": l.bias is not None} for name, l in layers.items()},
+        "modules": {name: {k: v for k, v in e.items() if k not in ("stored_bits", "code_bits")}
+                    for name, e in entries.items()},
         "tied": aliases,
     }
     if settings is not None:
@@ -90,6 +97,17 @@ def layer_tensors(name: str, layer: CMPQLayer) -> dict[str, torch.Tensor]:
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias
     return tensors
+
+
+def checkpoint_tensors(module: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors by checkpoint name, aliases)`` of ``module`` (names get ``prefix``): plain state tensors with each
+    storage once (``aliases`` maps a dropped tied name to the kept one) and every CMPQLinear's packed fields."""
+    quantized = quantized_modules(module)
+    plain, aliases = _unique_state(module, tuple(f"{name}." for name in quantized))
+    tensors = {f"{prefix}{k}": t for k, t in plain.items()}
+    for name, m in quantized.items():
+        tensors.update(layer_tensors(f"{prefix}{name}", m.layer))
+    return tensors, {f"{prefix}{a}": f"{prefix}{b}" for a, b in aliases.items()}
 
 
 def new_writer(staging: str, max_shard_bytes: int) -> ShardWriter:
@@ -151,10 +169,9 @@ def save_quantized(model: nn.Module, directory: str, tokenizer: Any = None, repo
         raise ValueError("model has no CMPQLinear layers: quantize it first (cmpq_kernels.quantize_model)")
     if not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} has no .config: save_quantized needs a Hugging Face model")
-    plain, aliases = _unique_state(model, tuple(f"{name}." for name in quantized))
-    layers = {name: module.layer for name, module in quantized.items()}
-    tensors = {**plain, **{k: t for name, layer in layers.items() for k, t in layer_tensors(name, layer).items()}}
-    qconfig = quantization_config(layers, None if report is None else report.settings, aliases)
+    tensors, aliases = checkpoint_tensors(model)
+    entries = {name: layer_entry(module.layer) for name, module in quantized.items()}
+    qconfig = quantization_config(entries, None if report is None else report.settings, aliases)
     with staged_directory(directory, overwrite) as staging:
         writer = new_writer(staging, max_shard_bytes)
         for key, tensor in tensors.items():
@@ -321,7 +338,8 @@ def read_layers(directory: str, verify: bool = True) -> tuple[dict, dict[str, CM
 
 
 def build_skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
-    """The model of ``config`` with its parameters on the ``meta`` device (buffers, which are small, are real)."""
+    """The model of ``config`` with its parameters and stored buffers on the ``meta`` device; computed buffers are
+    real (see :func:`_compute_buffers`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = config.get("model_type")
@@ -331,13 +349,26 @@ def build_skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
         hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
     except (ValueError, KeyError) as err:
         raise ValueError(f"config.json: transformers cannot build model_type {model_type!r} ({err})") from None
-    from accelerate import init_empty_weights
-
     try:
-        with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated yet
-            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        with torch.device("meta"):  # nothing is allocated, whatever sizes config.json claims
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:  # e.g. a negative size in an edited config
         raise ValueError(f"config.json: cannot build a {model_type!r} causal LM from it ({err})") from None
+    _compute_buffers(model)
+    return model
+
+
+def _compute_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary tables, embedding scales) are computed, never stored: recreate them on the
+    CPU with the model's own initialisation, as transformers' meta-device loading does."""
+    owners = {}
+    for key, buffer in model.named_non_persistent_buffers():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+        owners[id(owner)] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
 
 
 def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
@@ -366,7 +397,7 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
         for name, entry in modules.items():
             replace_module(model, name, CMPQLinear(load_layer(files, name, entry)))
         for key in plain:
-            _assign(model, key, files.get(key))
+            assign_tensor(model, key, files.get(key))
     fill_tied(model, tied)
     return model.eval().to(device)
 
@@ -388,7 +419,7 @@ def _check_plain_header(plain: dict[str, torch.Tensor], header: dict, modules: C
                              f"{list(tensor.shape)} in the model built from config.json")
 
 
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     """Put ``tensor`` in place of the skeleton's ``key``, cast to the model's dtype as ``load_state_dict`` would."""
     owner_name, _, leaf = key.rpartition(".")
     owner = model.get_submodule(owner_name)

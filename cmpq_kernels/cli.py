@@ -31,7 +31,8 @@ from . import checkpoint
 from .corpora import BUILTIN_TEXTS, read_text
 from .generation import generate
 from .inspection import layer_rows, natural_key, plot_bits, rows_markdown
-from .models import MODELS, load_model
+from .from_disk import quantize_checkpoint
+from .models import MODELS, is_model_directory, load_model, load_tokenizer, source_bytes
 from .perplexity import perplexity
 from .quantize import QuantOptions, quantize_model
 from .quantize.options import ALLOCATORS, BUDGETS
@@ -66,29 +67,48 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     calibration = read_text(args.calib)
     eval_text = read_text(args.eval) if args.eval else None
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model, tokenizer = load_model(args.model)
-    summary: dict[str, Any] = {"model": args.model, "fp_bytes": checkpoint.state_bytes(model)}
-    if eval_text is not None:
-        print("evaluating the FP model ...", file=sys.stderr)
-        summary["fp_perplexity"] = perplexity(model, tokenizer, eval_text, args.eval_seq_len, args.eval_tokens)
     options = QuantOptions(allocator=args.allocator, budget=args.budget, codebook_rows=args.codebook_rows,
                            error_feedback=not args.no_error_feedback)
-    report = quantize_model(model, [calibration], args.bits, options, tokenizer=tokenizer, n_samples=args.samples,
-                            seq_len=args.seq_len, seed=args.seed)
-    saved = checkpoint.save_quantized(model, args.out, tokenizer, report, overwrite=args.overwrite)
+    calib = dict(n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    summary: dict[str, Any] = {"model": args.model}
+    if is_model_directory(args.model):  # block by block from its files: the FP model is never loaded whole
+        tokenizer = load_tokenizer(args.model)
+        if eval_text is not None:
+            _fp_perplexity(summary, args, eval_text)
+        report = quantize_checkpoint(args.model, args.out, [calibration], args.bits, options, tokenizer=tokenizer,
+                                     overwrite=args.overwrite, **calib)
+        summary["fp_bytes"] = source_bytes(args.model)
+        summary["memory_estimate"] = report.settings.pop("memory_estimate")
+        model = checkpoint.load_quantized(args.out)
+    else:
+        model, tokenizer = load_model(args.model)
+        summary["fp_bytes"] = checkpoint.state_bytes(model)
+        if eval_text is not None:
+            print("evaluating the FP model ...", file=sys.stderr)
+            summary["fp_perplexity"] = perplexity(model, tokenizer, eval_text, args.eval_seq_len, args.eval_tokens)
+        report = quantize_model(model, [calibration], args.bits, options, tokenizer=tokenizer, **calib)
+        checkpoint.save_quantized(model, args.out, tokenizer, report, overwrite=args.overwrite)
+    sizes = checkpoint.checkpoint_bytes(args.out)
     summary.update({"out": args.out, "bits": args.bits, "effective_bits": report.effective_bits,
-                    "code_bits": report.code_bits, "bytes_on_disk": checkpoint.checkpoint_bytes(args.out),
+                    "code_bits": report.code_bits, "bytes_on_disk": sizes,
                     "quantize_seconds": report.stage_seconds["total"], "stage_seconds": report.stage_seconds})
     if eval_text is not None:
         summary["perplexity"] = perplexity(model, tokenizer, eval_text, args.eval_seq_len, args.eval_tokens)
     if args.verbose:
         print(report.to_markdown(), file=sys.stderr)
-    _print_quantize_summary(summary, saved["file_bytes"])
+    _print_quantize_summary(summary, sizes["weights"])
     if args.prompt:
         print(f"\n{args.prompt}", end="", flush=True)
         summary["generate"] = generate(model, tokenizer, args.prompt, args.max_new_tokens)
         print(f"[{summary['generate']['new_tokens']} tokens, {summary['generate']['tokens_per_s']:.1f} tokens/s]")
     return summary
+
+
+def _fp_perplexity(summary: dict, args: argparse.Namespace, text: str) -> None:
+    """FP perplexity for the comparison: this alone loads the FP model whole (then frees it)."""
+    print("evaluating the FP model (loads it whole; omit --eval to avoid that) ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model)
+    summary["fp_perplexity"] = perplexity(model, tokenizer, text, args.eval_seq_len, args.eval_tokens)
 
 
 def _print_quantize_summary(s: dict, file_bytes: int) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .shards import INDEX_NAME, WEIGHTS_NAME, TensorFiles
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cmpq_kernels")
 
@@ -102,6 +103,29 @@ def is_cmpq_checkpoint(path: str) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
     return isinstance(quant, dict) and quant.get("quant_method") == checkpoint.QUANT_METHOD
+
+
+def is_model_directory(path: str) -> bool:
+    """True for a local Hugging Face model directory with safetensors weights that is not a CMPQ checkpoint
+    (what :func:`cmpq_kernels.from_disk.quantize_checkpoint` reads block by block)."""
+    return (os.path.isfile(os.path.join(path, checkpoint.CONFIG_NAME)) and not is_cmpq_checkpoint(path)
+            and any(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_NAME, INDEX_NAME)))
+
+
+def source_bytes(directory: str) -> int:
+    """Bytes of the tensors in a model directory's safetensors files (from the headers)."""
+    with TensorFiles(directory) as files:
+        return files.bytes_of()
+
+
+def load_tokenizer(directory: str) -> Any:
+    """The tokenizer saved in a local model directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{directory}: no usable tokenizer ({err})") from None
 
 
 def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Any]:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from typing import Iterator, Optional
 
 import torch
@@ -43,17 +44,26 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+#: torch dtype -> safetensors header dtype (the inverse of SAFETENSORS_DTYPES).
+_HEADER_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
 class ShardWriter:
-    """Collects tensors and writes them as safetensors shards of at most ``max_bytes`` each (a larger tensor
-    gets a shard of its own). Memory holds at most one shard. :meth:`finish` names the files and writes the
-    index; a single shard is plain ``model.safetensors`` with no index."""
+    """Writes tensors as safetensors shards of at most ``max_bytes`` of data each (a larger tensor gets a shard of
+    its own), streaming: each tensor's bytes go to disk when it is added, so memory holds one tensor, not a shard.
+
+    A shard's data is appended to a temporary file; when the shard is full its header is written and the data
+    copied behind it (disk holds one shard twice, briefly). :meth:`finish` names the files and writes the index;
+    a single shard is plain ``model.safetensors`` with no index.
+    """
 
     def __init__(self, directory: str, max_bytes: int = DEFAULT_SHARD_BYTES, metadata: Optional[dict] = None) -> None:
-        if not isinstance(max_bytes, int) or max_bytes < 1:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValueError(f"max_shard_bytes must be a positive integer, got {max_bytes!r}")
         self.directory, self.max_bytes, self.metadata = directory, max_bytes, metadata or {}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.entries: dict[str, dict] = {}  # the open shard's header
+        self.data_path = os.path.join(directory, ".shard-data.partial")
+        self.data = open(self.data_path, "wb")
         self.written: list[tuple[str, list[str]]] = []  # (temporary path, tensor names)
         self.names: set[str] = set()
         self.total_bytes = 0
@@ -61,26 +71,39 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.names:
             raise ValueError(f"tensor {name!r} added twice to one checkpoint")
-        t = tensor.detach().cpu().contiguous()
-        if self.pending and self.pending_bytes + tensor_bytes(t) > self.max_bytes:
-            self._flush()
+        if tensor.dtype not in _HEADER_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors here")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        offset = self.data.tell()
+        if self.entries and offset + raw.nbytes > self.max_bytes:
+            self._close_shard()
+            offset = 0
+        self.data.write(raw.tobytes())
+        self.entries[name] = {"dtype": _HEADER_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [offset, offset + raw.nbytes]}
         self.names.add(name)
-        self.pending[name] = t
-        self.pending_bytes += tensor_bytes(t)
-        self.total_bytes += tensor_bytes(t)
+        self.total_bytes += raw.nbytes
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
+    def _close_shard(self) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt", **self.metadata}, **self.entries},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data that follows starts 8-byte aligned
         path = os.path.join(self.directory, f".shard-{len(self.written) + 1:05d}.partial")
-        save_file(self.pending, path, metadata={"format": "pt", **self.metadata})
-        self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        with open(path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 1 << 24)
+        self.written.append((path, list(self.entries)))
+        self.entries = {}
+        self.data = open(self.data_path, "wb")
 
     def finish(self) -> dict[str, str]:
-        """Write what is pending, give the shards their final names; returns ``{file name: SHA-256}``."""
-        if self.pending or not self.written:
-            self._flush()
+        """Write the open shard, give the shards their final names; returns ``{file name: SHA-256}``."""
+        if self.entries or not self.written:
+            self._close_shard()
+        self.data.close()
+        os.remove(self.data_path)
         count = len(self.written)
         final = [WEIGHTS_NAME] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         digests, weight_map = {}, {}
@@ -145,9 +168,12 @@ def read_header(path: str) -> Header:
 
 
 class TensorFiles(contextlib.AbstractContextManager):
-    """Every tensor of a model directory by name, read one at a time (memory-mapped) after a header check.
+    """Every tensor of a model directory by name, read one at a time after a header check.
 
-    Use as a context manager: the files stay open until it exits.
+    Each read maps its file only for that read and copies the tensor out: a mapping kept open (by a handle, or by
+    a tensor viewing it) keeps the pages read through it resident, so reading a model block by block would end
+    with the files in memory, once per mapping. (A context manager so callers
+    need not change if handles are ever cached again.)
     """
 
     def __init__(self, directory: str) -> None:
@@ -161,8 +187,6 @@ class TensorFiles(contextlib.AbstractContextManager):
                     raise ValueError(f"{directory}: tensor {key} is in both {self.file_of[key]} and {name}")
                 self.header[key], self.file_of[key] = info, name
         self._check_index()
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, object] = {}
 
     def _check_index(self) -> None:
         index = os.path.join(self.directory, INDEX_NAME)
@@ -173,14 +197,12 @@ class TensorFiles(contextlib.AbstractContextManager):
         """The tensor ``name``, as stored (``KeyError`` when absent)."""
         from safetensors import SafetensorError, safe_open
 
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(
-                safe_open(os.path.join(self.directory, file), framework="pt"))
+        path = os.path.join(self.directory, self.file_of[name])
         try:
-            return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(name).clone()  # a view would keep the file's whole mapping resident
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise ValueError(f"{os.path.join(self.directory, file)}: cannot read tensor {name} ({err})") from None
+            raise ValueError(f"{path}: cannot read tensor {name} ({err})") from None
 
     def bytes_of(self, names: Optional[Iterator[str]] = None) -> int:
         """Stored bytes of ``names`` (all tensors by default), from the headers."""
@@ -188,8 +210,7 @@ class TensorFiles(contextlib.AbstractContextManager):
         return sum(math.prod(self.header[k][0]) * self.header[k][1].itemsize for k in keys)
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-        self._handles.clear()
+        return None
 
 
 def verify_files(directory: str, files: list[str], expected: object) -> None:

@@ -402,19 +402,17 @@ class FailingTokenizer:
         raise OSError("disk full while writing the tokenizer")
 
 
-def _failing_save_file(*args: Any, **kwargs: Any) -> None:
+def _failing_close_shard(*args: Any, **kwargs: Any) -> None:
     raise OSError("disk full while writing model.safetensors")
 
 
 @pytest.mark.parametrize("failure", ["weights", "tokenizer"])
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
 def test_failed_save_leaves_no_trace(quantized, ckpt, tmp_path, monkeypatch, failure, existing):
-    import safetensors.torch
-
     target = ckpt if existing else str(tmp_path / "new-target")
     before = snapshot(ckpt)
     if failure == "weights":
-        monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file)
+        monkeypatch.setattr(shards.ShardWriter, "_close_shard", _failing_close_shard)
     with pytest.raises(OSError, match=f"disk full while writing {'model' if failure == 'weights' else 'the tok'}"):
         save_quantized(quantized[0], target, tokenizer=FailingTokenizer() if failure == "tokenizer" else None,
                        overwrite=existing)

@@ -21,7 +21,7 @@ LAYERS = (
     ("surgery", "shards"),
     ("quantize",),
     ("checkpoint",),
-    ("hf", "models"),
+    ("hf", "models", "from_disk"),
     ("corpora", "perplexity", "generation", "inspection"),
     ("cli",),
 )

@@ -172,7 +172,7 @@ class BlockInputs:
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
                          batch_size: int = 8) -> BlockInputs:
     """Run the model's embedding/prologue once per batch with recording stubs in place of the blocks."""
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the blocks' weights may not be loaded yet
     originals = list(blocks)
     states: list[torch.Tensor] = []
     extras: list[list[tuple[tuple, dict]]] = [[] for _ in originals]

@@ -3,7 +3,9 @@
 For each block: record activation statistics of its linears over the calibration batch (inputs come
 from the already-quantized previous blocks), quantize each linear and replace it in place with a
 :class:`~cmpq_kernels.nn.CMPQLinear`, then run the quantized block to make the next block's inputs.
-Memory stays O(one block) plus the calibration hidden states.
+The model is held in memory whole (it is modified in place); the calibration activations are held for one
+block at a time. :class:`BlockHooks` let a caller bring each block in from disk and write it out again
+(:mod:`cmpq_kernels.from_disk`), so that only one block is ever resident.
 """
 from __future__ import annotations
 
@@ -27,6 +29,24 @@ from .options import QuantOptions
 #: ``(name, linear, stats, widths or None) -> (replacement module, report fields)``; the fields must
 #: include ``code_bits``, ``effective_bits`` and ``nnz``. Lets baselines share the calibration pipeline.
 LayerQuantizer = Callable[[str, nn.Linear, LayerStats, Optional[torch.Tensor]], tuple[nn.Module, dict]]
+
+
+def _nothing(index: int, block: nn.Module) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockHooks:
+    """Where a block's weights come from and go to, for models that are not held in memory whole.
+
+    ``load(i, block)`` runs before block ``i`` is calibrated (e.g. materialise its weights from disk);
+    ``done(i, block)`` after it is quantized and has produced the next block's inputs (e.g. write its packed
+    tensors and free it). Whole-model budgets (``budget="global"``) and ``quantize_lm_head`` need every block
+    at once and are refused with hooks.
+    """
+
+    load: Callable[[int, nn.Module], None] = _nothing
+    done: Callable[[int, nn.Module], None] = _nothing
 
 
 @dataclasses.dataclass
@@ -152,7 +172,8 @@ def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dic
 def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5, options: Optional[QuantOptions] = None,
                    *, tokenizer: Any = None, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
                    quantize_lm_head: bool = False, batch_size: int = 8, progress: bool = True,
-                   layer_quantizer: Optional[LayerQuantizer] = None, **overrides: Any) -> QuantReport:
+                   layer_quantizer: Optional[LayerQuantizer] = None, hooks: Optional[BlockHooks] = None,
+                   **overrides: Any) -> QuantReport:
     """Quantize every ``nn.Linear`` in the decoder blocks of ``model`` in place; return a :class:`QuantReport`.
 
     Holds the whole model in memory (it is modified in place); the calibration activations are kept for one
@@ -171,11 +192,17 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
         batch_size: calibration sequences per forward pass.
         progress: show progress bars.
         layer_quantizer: replaces the CMPQ layer quantizer (baselines sharing this pipeline).
+        hooks: per-block load / done callbacks (:class:`BlockHooks`) for a model whose blocks are not in memory
+            (used by :func:`cmpq_kernels.from_disk.quantize_checkpoint`).
         **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``codebook_rows=1``, ...).
     """
     bits = check_bits(bits)
     opts = QuantOptions.resolve(options, overrides)
     quantizer = layer_quantizer or cmpq_layer_quantizer(bits, opts)
+    if hooks is not None and (opts.budget == "global" or quantize_lm_head):
+        raise ValueError("budget='global' and quantize_lm_head need the whole model in memory; they are not "
+                         "available block by block (from a checkpoint directory)")
+    hooks = hooks or BlockHooks()
     times = {"capture": 0.0, "allocate": 0.0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
     start = time.perf_counter()
     ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
@@ -198,6 +225,7 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     records: list[dict] = []
     for i, block in enumerate(progress_iter(blocks, "quantize blocks", total=len(blocks), enabled=progress)):
         t = time.perf_counter()
+        hooks.load(i, block)
         stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=opts.error_feedback)
         times["statistics"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -205,6 +233,7 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
         times["quantize"] += time.perf_counter() - t
         t = time.perf_counter()
         inputs.states = run_block(block, inputs, i)
+        hooks.done(i, block)
         times["propagate"] += time.perf_counter() - t
     del inputs
     if quantize_lm_head:
