@@ -13,7 +13,7 @@
 
 #include <torch/torch.h>
 
-#include "cuda/kernels.h"
+#include "cuda/launchers.h"
 #include "torch_view.h"
 
 namespace cmpq {

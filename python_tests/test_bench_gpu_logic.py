@@ -51,7 +51,7 @@ def strict_json(path: Path) -> dict:
 
 
 def test_path_labels_mirror_the_cuda_dispatch_table():
-    header = (ROOT / "csrc" / "cuda" / "kernels.h").read_text()
+    header = (ROOT / "csrc" / "cuda" / "launchers.h").read_text()
     gemv = int(re.search(r"kGemvMaxM\s*=\s*(\d+)", header).group(1))
     gemm = int(re.search(r"kGemmMaxM\s*=\s*(\d+)", header).group(1))
     assert (bg.GEMV_MAX_M, bg.GEMM_MAX_M) == (gemv, gemm)

@@ -9,7 +9,7 @@
 // block: one thread per row rewrites that row's outlier positions as codebook value + residual in FP32,
 // rounded once. One thread per row keeps repeated (row, col) entries race-free and deterministic.
 #include "decode.cuh"
-#include "kernels.h"
+#include "launchers.h"
 
 namespace cmpq {
 namespace cuda {

@@ -20,7 +20,7 @@
 #include <type_traits>
 
 #include "decode.cuh"
-#include "kernels.h"
+#include "launchers.h"
 #include "ptx.cuh"
 
 namespace cmpq {

@@ -23,7 +23,7 @@
 // global memory (0.5 % density: about one entry per lane). The warp then reduces its lanes with a fixed
 // xor butterfly and lane 0 writes: no atomics, deterministic.
 #include "decode.cuh"
-#include "kernels.h"
+#include "launchers.h"
 
 namespace cmpq {
 namespace cuda {
@@ -182,16 +182,6 @@ Status launch_gemv(const LayerView& layer, const void* x, const int32_t* perm, c
   if (layer.n <= 0 || layer.k <= 0 || layer.k % kGroupCodes != 0) return Status::kBadShape;
   return dtype == ActDtype::kHalf ? gemv_detail::launch_typed<__half>(layer, x, perm, bias, y, m, stream)
                                   : gemv_detail::launch_typed<__nv_bfloat16>(layer, x, perm, bias, y, m, stream);
-}
-
-const char* status_message(Status status) {
-  switch (status) {
-    case Status::kOk: return "ok";
-    case Status::kBadBatch: return "batch size outside the kernel's range";
-    case Status::kBadShape: return "layer shape not supported (n, k must be positive, k a multiple of 32)";
-    case Status::kLaunchFailed: return "kernel launch failed";
-  }
-  return "unknown status";
 }
 
 }  // namespace cuda
