@@ -69,6 +69,10 @@ struct SegmentTraits {
 };
 static_assert(SegmentTraits<3>::kWordsPerGroup * 32 == kGroupCodes * 3, "3-bit groups must pack without waste");
 
+// A row of b-bit codes for a runtime b (the bindings' shape checks): whole groups of b words each.
+CMPQ_HD constexpr bool whole_groups(int64_t words, int bits) { return words % bits == 0; }
+CMPQ_HD constexpr int64_t channels_in_words(int64_t words, int bits) { return words / bits * kGroupCodes; }
+
 // ---- decode -----------------------------------------------------------------------------------------
 
 // The 6-bit spare field of a 3-bit group: codes 30 and 31.
@@ -171,6 +175,9 @@ struct LayerView {
   bool col_is_int32 = false;
   const uint16_t* val = nullptr;              // fp16 bits, [nnz]
 
+  // What every kernel needs: rows, and columns that are whole packing groups.
+  CMPQ_HD bool shape_ok() const { return n > 0 && k > 0 && k % kGroupCodes == 0; }
+  CMPQ_HD int total_groups() const { return k / kGroupCodes; }
   CMPQ_HD int seg_begin(int s) const {
     int begin = 0;
     for (int t = 0; t < s; ++t) begin += seg_k[t];

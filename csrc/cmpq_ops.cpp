@@ -96,11 +96,12 @@ at::Tensor dequantize_cpu(const at::Tensor& perm, const at::Tensor& codes4, cons
 
 at::Tensor unpack_codes_cpu(const at::Tensor& words, int64_t bits) {
   TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4, "cmpq.unpack_codes: bits must be 2, 3 or 4, got ", bits);
-  check_tensor(words, "words", at::kInt, words.device());
-  TORCH_CHECK_VALUE(words.dim() == 2 && words.size(1) % bits == 0, "cmpq.unpack_codes: words must be [rows, groups*",
-                    bits, "], got ", words.sizes());
+  check_tensor(words, at::kInt, words.device(), "words");
+  TORCH_CHECK_VALUE(words.dim() == 2 && whole_groups(words.size(1), bits),
+                    "cmpq.unpack_codes: words must be [rows, groups*", bits, "], got ", words.sizes());
   const int64_t groups = words.size(1) / bits;
-  at::Tensor codes = at::empty({words.size(0), groups * kGroupCodes}, words.options().dtype(at::kByte));
+  at::Tensor codes =
+      at::empty({words.size(0), channels_in_words(words.size(1), bits)}, words.options().dtype(at::kByte));
   const uint32_t* src = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   uint8_t* dst = codes.data_ptr<uint8_t>();
   for (int64_t g = 0; g < words.size(0) * groups; ++g) {

@@ -26,10 +26,12 @@ constexpr const char* kDequantizeSchema =
     "Tensor codebook3, Tensor codebook2, Tensor row_ptr, Tensor col, Tensor val, int codebook_rows, "
     "int format_version, ScalarType dtype) -> Tensor";
 
-inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cmpq: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, "cmpq: ", name, " is on ", t.device(), " but x is on ", device);
-  TORCH_CHECK_VALUE(t.is_contiguous(), "cmpq: ", name, " must be contiguous (call .contiguous())");
+// `name` is streamed into the message ("codes", 4 -> codes4), so a check builds no string unless it fails.
+template <class... Name>
+void check_tensor(const at::Tensor& t, at::ScalarType dtype, const at::Device& device, const Name&... name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cmpq: ", name..., " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, "cmpq: ", name..., " is on ", t.device(), " but x is on ", device);
+  TORCH_CHECK_VALUE(t.is_contiguous(), "cmpq: ", name..., " must be contiguous (call .contiguous())");
 }
 
 inline LayerView make_view(const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
@@ -40,12 +42,12 @@ inline LayerView make_view(const at::Tensor& perm, const at::Tensor& codes4, con
   TORCH_CHECK_VALUE(format_version == kFormatVersion, "cmpq: format_version ", format_version,
                     " is not supported by this build (expects ", kFormatVersion, ")");
   TORCH_CHECK_VALUE(codebook_rows >= 1, "cmpq: codebook_rows must be >= 1, got ", codebook_rows);
-  check_tensor(perm, "perm", at::kInt, device);
-  check_tensor(row_ptr, "row_ptr", at::kInt, device);
-  check_tensor(val, "val", at::kHalf, device);
+  check_tensor(perm, at::kInt, device, "perm");
+  check_tensor(row_ptr, at::kInt, device, "row_ptr");
+  check_tensor(val, at::kHalf, device, "val");
   TORCH_CHECK_TYPE(col.scalar_type() == at::kShort || col.scalar_type() == at::kInt,
                    "cmpq: col must be int16 or int32, got ", col.scalar_type());
-  check_tensor(col, "col", col.scalar_type(), device);
+  check_tensor(col, col.scalar_type(), device, "col");
   TORCH_CHECK_VALUE(perm.dim() == 1 && row_ptr.dim() == 1 && col.dim() == 1 && val.dim() == 1,
                     "cmpq: perm, row_ptr, col and val must be 1-D");
   TORCH_CHECK_VALUE(row_ptr.size(0) >= 2, "cmpq: row_ptr must have n + 1 >= 2 entries, got ", row_ptr.size(0));
@@ -64,11 +66,11 @@ inline LayerView make_view(const at::Tensor& perm, const at::Tensor& codes4, con
     const int bits = segment_bits(s);
     const at::Tensor& c = *codes[s];
     const at::Tensor& cb = *codebooks[s];
-    check_tensor(c, bits == 4 ? "codes4" : bits == 3 ? "codes3" : "codes2", at::kInt, device);
-    check_tensor(cb, bits == 4 ? "codebook4" : bits == 3 ? "codebook3" : "codebook2", at::kHalf, device);
-    TORCH_CHECK_VALUE(c.dim() == 2 && c.size(0) == view.n && c.size(1) % bits == 0, "cmpq: ", bits,
+    check_tensor(c, at::kInt, device, "codes", bits);
+    check_tensor(cb, at::kHalf, device, "codebook", bits);
+    TORCH_CHECK_VALUE(c.dim() == 2 && c.size(0) == view.n && whole_groups(c.size(1), bits), "cmpq: ", bits,
                       "-bit codes must be [n=", view.n, ", groups*", bits, "], got ", c.sizes());
-    view.seg_k[s] = static_cast<int>(c.size(1) / bits * kGroupCodes);
+    view.seg_k[s] = static_cast<int>(channels_in_words(c.size(1), bits));
     const int64_t width = view.seg_k[s] > 0 ? (1 << bits) : 0;  // an empty segment stores no codebook
     TORCH_CHECK_VALUE(cb.dim() == 2 && cb.size(0) == codebook_count && cb.size(1) == width, "cmpq: ", bits,
                       "-bit codebook must be [", codebook_count, ", ", width, "], got ", cb.sizes());

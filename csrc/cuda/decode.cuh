@@ -72,7 +72,5 @@ CMPQ_DEVICE_INLINE void decode_row_group(const LayerView& layer, int row, int g,
     decode_group_store<2>(layer.row_codes(2, row) + (g - groups43) * 2, layer.row_codebook(2, row), dst);
 }
 
-CMPQ_DEVICE_INLINE int total_groups(const LayerView& layer) { return layer.k / kGroupCodes; }
-
 }  // namespace cuda
 }  // namespace cmpq

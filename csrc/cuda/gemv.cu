@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(WARPS * kWarpSize)
 
   const int groups4 = layer.groups(0);
   const int groups43 = groups4 + layer.groups(1);
-  const int groups_total = total_groups(layer);
+  const int groups_total = layer.total_groups();
   float acc[ROWS_PER_WARP][M];
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r)
@@ -179,7 +179,7 @@ Status launch_typed(const LayerView& layer, const void* x, const int32_t* perm, 
 
 Status launch_gemv(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
                    ActDtype dtype, cudaStream_t stream) {
-  if (layer.n <= 0 || layer.k <= 0 || layer.k % kGroupCodes != 0) return Status::kBadShape;
+  if (!layer.shape_ok()) return Status::kBadShape;
   return dtype == ActDtype::kHalf ? gemv_detail::launch_typed<__half>(layer, x, perm, bias, y, m, stream)
                                   : gemv_detail::launch_typed<__nv_bfloat16>(layer, x, perm, bias, y, m, stream);
 }
