@@ -104,13 +104,10 @@ at::Tensor unpack_codes_cpu(const at::Tensor& words, int64_t bits) {
       at::empty({words.size(0), channels_in_words(words.size(1), bits)}, words.options().dtype(at::kByte));
   const uint32_t* src = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   uint8_t* dst = codes.data_ptr<uint8_t>();
-  for (int64_t g = 0; g < words.size(0) * groups; ++g) {
-    switch (bits) {
-      case 4: unpack_group<4>(src + g * 4, dst + g * kGroupCodes); break;
-      case 3: unpack_group<3>(src + g * 3, dst + g * kGroupCodes); break;
-      default: unpack_group<2>(src + g * 2, dst + g * kGroupCodes); break;
-    }
-  }
+  with_segment_bits(static_cast<int>(bits), [&](auto seg) {
+    for (int64_t g = 0; g < words.size(0) * groups; ++g)
+      unpack_group<seg.kBits>(src + g * seg.kWordsPerGroup, dst + g * kGroupCodes);
+  });
   return codes;
 }
 
