@@ -1,8 +1,8 @@
-// cmpq_ops.cpp — the cmpq:: op library (schemas; the layer-op schema strings are in torch_view.h, shared
-// with the emulated build) and its CPU implementations. CUDA implementations register against these
-// schemas from cuda/cmpq_cuda.cpp. Input checks (torch_view.h) print the offending values;
-// cmpq_kernels/ops.py repeats the shape and dtype rules in the fake (meta) implementations so
-// torch.compile sees the same contract.
+// cmpq_ops.cpp — the cmpq:: op library (schemas; the layer ops' signature is written once in
+// torch_view.h, shared with the CUDA and emulated builds) and its CPU implementations. CUDA
+// implementations register against these schemas from cuda/cmpq_cuda.cpp. Input checks (torch_view.h)
+// print the offending values; cmpq_kernels/ops.py repeats the shape and dtype rules in the fake (meta)
+// implementations so torch.compile sees the same contract.
 #include <Python.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,14 +47,8 @@ void gemm_decode_blas(const LayerView& view, const at::Tensor& x_packed, at::Ten
   }
 }
 
-at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                    const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                    const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                    const at::Tensor& val, const std::optional<at::Tensor>& bias, int64_t codebook_rows,
-                    int64_t format_version) {
-  const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                                   codebook_rows, format_version, x.device());
-  check_gemm_inputs(x, view, bias, /*allow_float32=*/true);
+at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const LayerView& view,
+                    const std::optional<at::Tensor>& bias) {
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, view.n}, x.options().dtype(at::kFloat));
   if (m > 0) {
@@ -76,13 +70,7 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tenso
   return y.to(x.scalar_type());
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                          const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                          const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                          const at::Tensor& val, int64_t codebook_rows, int64_t format_version,
-                          at::ScalarType dtype) {
-  const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                                   codebook_rows, format_version, perm.device());
+at::Tensor dequantize_cpu(const at::Tensor& perm, const LayerView& view, at::ScalarType dtype) {
   at::Tensor w_packed = at::empty({view.n, view.k}, perm.options().dtype(at::kFloat));
   const cpu::Isa isa = cpu_isa_for_call();
   at::parallel_for(0, view.n, 8, [&](int64_t b, int64_t e) {
@@ -113,12 +101,20 @@ at::Tensor unpack_codes_cpu(const at::Tensor& words, int64_t bits) {
 
 std::string cpu_isa() { return cpu::isa_name(cpu_isa_for_call()); }
 
+std::vector<std::string> layer_fields() {
+#define CMPQ_NAME(name) #name,
+  return {CMPQ_LAYER_TENSORS(CMPQ_NAME)};
+#undef CMPQ_NAME
+}
+
 }  // namespace
 }  // namespace cmpq
 
 TORCH_LIBRARY(cmpq, m) {
   m.def(cmpq::kGemmSchema);  // schemas shared with cmpq_emu: torch_view.h
   m.def(cmpq::kDequantizeSchema);
+  // Names of the layer's tensor arguments of gemm/dequantize, in order (for Python: one source of truth).
+  m.def("layer_fields() -> str[]", &cmpq::layer_fields);
   // uint8 codes [rows, groups * 32] from packed int32 words [rows, groups * bits] (layout tests).
   m.def("unpack_codes(Tensor words, int bits) -> Tensor");
   // Instruction set the CPU kernel uses in this process ("avx2" or "scalar").
@@ -126,8 +122,8 @@ TORCH_LIBRARY(cmpq, m) {
 }
 
 TORCH_LIBRARY_IMPL(cmpq, CPU, m) {
-  m.impl("gemm", &cmpq::gemm_cpu);
-  m.impl("dequantize", &cmpq::dequantize_cpu);
+  m.impl("gemm", &cmpq::gemm_op<cmpq::gemm_cpu, /*kAllowFloat32=*/true>);
+  m.impl("dequantize", &cmpq::dequantize_op<cmpq::dequantize_cpu>);
   m.impl("unpack_codes", &cmpq::unpack_codes_cpu);
 }
 
