@@ -9,7 +9,7 @@ What is compared
 Shapes use the ``nn.Linear`` convention N x K = out_features x in_features. Defaults: 4096x4096
 (LLaMA-7B q/k/v/o), 11008x4096 and 4096x11008 (LLaMA-7B gate/up and down), 28672x8192 and 8192x28672
 (LLaMA-70B gate/up and down), 151936x896 (Qwen2-0.5B lm_head); M = 1, 2, 4, 8, 16, 32, 64, 128, 512;
-bits = 2, 2.5, 3, 3.5, 4. The GPU op dispatches on M (``csrc/gpu_ops.h``, ``csrc/cuda/kernels.h``):
+bits = 2, 2.5, 3, 3.5, 4. The GPU op dispatches on M (``csrc/gpu_ops.h``, ``csrc/cuda/launchers.h``):
 M <= 8 fused GEMV, M <= 128 tensor-core GEMM, larger M decode to an FP16 workspace + cuBLAS; the ``path``
 column says which (``GEMV_MAX_M``/``GEMM_MAX_M`` in ``gpu_results.py`` mirror the C++ table and only label
 rows).

@@ -17,7 +17,7 @@ import numpy as np
 
 from bench_common import markdown_table, write_json_and_markdown
 
-GEMV_MAX_M = 8    # mirrors cuda::kGemvMaxM (csrc/cuda/kernels.h); labels the path column only
+GEMV_MAX_M = 8    # mirrors cuda::kGemvMaxM (csrc/cuda/launchers.h); labels the path column only
 GEMM_MAX_M = 128  # mirrors cuda::kGemmMaxM
 ACT_BYTES = 2  # fp16 activations and outputs
 DEFAULT_DIR = Path(__file__).resolve().parent / "results"

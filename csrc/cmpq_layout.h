@@ -62,12 +62,29 @@ template <int BITS>
 struct SegmentTraits {
   static_assert(BITS >= 2 && BITS <= 4, "CMPQ stores 2-, 3- and 4-bit segments only");
   static constexpr int kBits = BITS;
+  static constexpr int kSegment = kMaxBits - BITS;       // index in memory order
+  static_assert(segment_bits(kSegment) == BITS, "kSegment inverts segment_bits");
   static constexpr int kWordsPerGroup = BITS;            // 32 codes * BITS bits / 32 bits per word
   static constexpr int kCodebookSize = 1 << BITS;
   static constexpr int kPairsPerGroup = kGroupCodes / 2;
   static constexpr uint32_t kMask = (1u << BITS) - 1u;
 };
 static_assert(SegmentTraits<3>::kWordsPerGroup * 32 == kGroupCodes * 3, "3-bit groups must pack without waste");
+
+// The one segment dispatch: runs f(SegmentTraits<bits>{}) for a runtime bit width (4, 3, otherwise 2) and
+// returns its result. The body is compiled once per width with its traits as constants, so decode loops
+// unroll, and LayerView's per-segment arrays are indexed by constants: a runtime index into a kernel
+// parameter array would force a local-memory copy of the whole view. Bodies read seg.kBits, seg.kSegment.
+template <class F>
+CMPQ_HD auto with_segment_bits(int bits, F&& f) -> decltype(f(SegmentTraits<2>{})) {
+  if (bits == 4) return f(SegmentTraits<4>{});
+  if (bits == 3) return f(SegmentTraits<3>{});
+  return f(SegmentTraits<2>{});
+}
+
+// A row of b-bit codes for a runtime b (the bindings' shape checks): whole groups of b words each.
+CMPQ_HD constexpr bool whole_groups(int64_t words, int bits) { return words % bits == 0; }
+CMPQ_HD constexpr int64_t channels_in_words(int64_t words, int bits) { return words / bits * kGroupCodes; }
 
 // ---- decode -----------------------------------------------------------------------------------------
 
@@ -171,31 +188,30 @@ struct LayerView {
   bool col_is_int32 = false;
   const uint16_t* val = nullptr;              // fp16 bits, [nnz]
 
-  CMPQ_HD int seg_begin(int s) const {
-    int begin = 0;
-    for (int t = 0; t < s; ++t) begin += seg_k[t];
-    return begin;
-  }
+  // What every kernel needs: rows, and columns that are whole packing groups.
+  CMPQ_HD bool shape_ok() const { return n > 0 && k > 0 && k % kGroupCodes == 0; }
+  CMPQ_HD int total_groups() const { return k / kGroupCodes; }
   CMPQ_HD int groups(int s) const { return seg_k[s] / kGroupCodes; }
+  // Packed groups are numbered over all segments in memory order; group_begin(s) is segment s's first.
+  CMPQ_HD int group_begin(int s) const { return (s > 0 ? groups(0) : 0) + (s > 1 ? groups(1) : 0); }
+  CMPQ_HD int segment_of_group(int g) const { return g < group_begin(1) ? 0 : (g < group_begin(2) ? 1 : 2); }
   CMPQ_HD const uint32_t* row_codes(int s, int row) const {
     return codes[s] + static_cast<int64_t>(row) * groups(s) * segment_bits(s);
+  }
+  // The words of packed group g of a row; g lies in segment s.
+  CMPQ_HD const uint32_t* group_words(int s, int row, int g) const {
+    return row_codes(s, row) + (g - group_begin(s)) * segment_bits(s);
   }
   CMPQ_HD const uint16_t* row_codebook(int s, int row) const {
     return codebook[s] + static_cast<int64_t>(row / codebook_rows) * (1 << segment_bits(s));
   }
   // fp16 bits of the codebook value at packed column j of row (the dense part, without outliers).
-  // Segments are picked with constant indices: a runtime index into a kernel-parameter array would
-  // force a local-memory copy of the whole view.
   CMPQ_HD uint16_t dense_value_bits(int row, int j) const {
-    if (j < seg_k[0]) return segment_value_bits<0>(row, j);
-    if (j < seg_k[0] + seg_k[1]) return segment_value_bits<1>(row, j - seg_k[0]);
-    return segment_value_bits<2>(row, j - seg_k[0] - seg_k[1]);
-  }
-  template <int S>
-  CMPQ_HD uint16_t segment_value_bits(int row, int j) const {
-    constexpr int kBits = 4 - S;
-    const uint32_t* words = row_codes(S, row) + (j / kGroupCodes) * kBits;
-    return row_codebook(S, row)[group_code<kBits>(words, j % kGroupCodes)];
+    const int g = j / kGroupCodes;
+    return with_segment_bits(segment_bits(segment_of_group(g)), [&](auto seg) {
+      const uint32_t* words = group_words(seg.kSegment, row, g);
+      return row_codebook(seg.kSegment, row)[group_code<seg.kBits>(words, j % kGroupCodes)];
+    });
   }
   CMPQ_HD int outlier_col(int32_t i) const {
     return col_is_int32 ? static_cast<const int32_t*>(col)[i] : static_cast<const int16_t*>(col)[i];

@@ -1,8 +1,8 @@
-// cmpq_ops.cpp — the cmpq:: op library (schemas; the layer-op schema strings are in torch_view.h, shared
-// with the emulated build) and its CPU implementations. CUDA implementations register against these
-// schemas from cuda/cmpq_cuda.cpp. Input checks (torch_view.h) print the offending values;
-// cmpq_kernels/ops.py repeats the shape and dtype rules in the fake (meta) implementations so
-// torch.compile sees the same contract.
+// cmpq_ops.cpp — the cmpq:: op library (schemas; the layer ops' signature is written once in
+// torch_view.h, shared with the CUDA and emulated builds) and its CPU implementations. CUDA
+// implementations register against these schemas from cuda/cmpq_cuda.cpp. Input checks (torch_view.h)
+// print the offending values; cmpq_kernels/ops.py repeats the shape and dtype rules in the fake (meta)
+// implementations so torch.compile sees the same contract.
 #include <Python.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,14 +47,8 @@ void gemm_decode_blas(const LayerView& view, const at::Tensor& x_packed, at::Ten
   }
 }
 
-at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                    const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                    const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                    const at::Tensor& val, const std::optional<at::Tensor>& bias, int64_t codebook_rows,
-                    int64_t format_version) {
-  const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                                   codebook_rows, format_version, x.device());
-  check_gemm_inputs(x, view, bias, /*allow_float32=*/true);
+at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const LayerView& view,
+                    const std::optional<at::Tensor>& bias) {
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, view.n}, x.options().dtype(at::kFloat));
   if (m > 0) {
@@ -76,13 +70,7 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tenso
   return y.to(x.scalar_type());
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                          const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                          const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                          const at::Tensor& val, int64_t codebook_rows, int64_t format_version,
-                          at::ScalarType dtype) {
-  const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                                   codebook_rows, format_version, perm.device());
+at::Tensor dequantize_cpu(const at::Tensor& perm, const LayerView& view, at::ScalarType dtype) {
   at::Tensor w_packed = at::empty({view.n, view.k}, perm.options().dtype(at::kFloat));
   const cpu::Isa isa = cpu_isa_for_call();
   at::parallel_for(0, view.n, 8, [&](int64_t b, int64_t e) {
@@ -96,24 +84,28 @@ at::Tensor dequantize_cpu(const at::Tensor& perm, const at::Tensor& codes4, cons
 
 at::Tensor unpack_codes_cpu(const at::Tensor& words, int64_t bits) {
   TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4, "cmpq.unpack_codes: bits must be 2, 3 or 4, got ", bits);
-  check_tensor(words, "words", at::kInt, words.device());
-  TORCH_CHECK_VALUE(words.dim() == 2 && words.size(1) % bits == 0, "cmpq.unpack_codes: words must be [rows, groups*",
-                    bits, "], got ", words.sizes());
+  check_tensor(words, at::kInt, words.device(), "words");
+  TORCH_CHECK_VALUE(words.dim() == 2 && whole_groups(words.size(1), bits),
+                    "cmpq.unpack_codes: words must be [rows, groups*", bits, "], got ", words.sizes());
   const int64_t groups = words.size(1) / bits;
-  at::Tensor codes = at::empty({words.size(0), groups * kGroupCodes}, words.options().dtype(at::kByte));
+  at::Tensor codes =
+      at::empty({words.size(0), channels_in_words(words.size(1), bits)}, words.options().dtype(at::kByte));
   const uint32_t* src = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   uint8_t* dst = codes.data_ptr<uint8_t>();
-  for (int64_t g = 0; g < words.size(0) * groups; ++g) {
-    switch (bits) {
-      case 4: unpack_group<4>(src + g * 4, dst + g * kGroupCodes); break;
-      case 3: unpack_group<3>(src + g * 3, dst + g * kGroupCodes); break;
-      default: unpack_group<2>(src + g * 2, dst + g * kGroupCodes); break;
-    }
-  }
+  with_segment_bits(static_cast<int>(bits), [&](auto seg) {
+    for (int64_t g = 0; g < words.size(0) * groups; ++g)
+      unpack_group<seg.kBits>(src + g * seg.kWordsPerGroup, dst + g * kGroupCodes);
+  });
   return codes;
 }
 
 std::string cpu_isa() { return cpu::isa_name(cpu_isa_for_call()); }
+
+std::vector<std::string> layer_fields() {
+#define CMPQ_NAME(name) #name,
+  return {CMPQ_LAYER_TENSORS(CMPQ_NAME)};
+#undef CMPQ_NAME
+}
 
 }  // namespace
 }  // namespace cmpq
@@ -121,6 +113,8 @@ std::string cpu_isa() { return cpu::isa_name(cpu_isa_for_call()); }
 TORCH_LIBRARY(cmpq, m) {
   m.def(cmpq::kGemmSchema);  // schemas shared with cmpq_emu: torch_view.h
   m.def(cmpq::kDequantizeSchema);
+  // Names of the layer's tensor arguments of gemm/dequantize, in order (for Python: one source of truth).
+  m.def("layer_fields() -> str[]", &cmpq::layer_fields);
   // uint8 codes [rows, groups * 32] from packed int32 words [rows, groups * bits] (layout tests).
   m.def("unpack_codes(Tensor words, int bits) -> Tensor");
   // Instruction set the CPU kernel uses in this process ("avx2" or "scalar").
@@ -128,8 +122,8 @@ TORCH_LIBRARY(cmpq, m) {
 }
 
 TORCH_LIBRARY_IMPL(cmpq, CPU, m) {
-  m.impl("gemm", &cmpq::gemm_cpu);
-  m.impl("dequantize", &cmpq::dequantize_cpu);
+  m.impl("gemm", &cmpq::gemm_op<cmpq::gemm_cpu, /*kAllowFloat32=*/true>);
+  m.impl("dequantize", &cmpq::dequantize_op<cmpq::dequantize_cpu>);
   m.impl("unpack_codes", &cmpq::unpack_codes_cpu);
 }
 

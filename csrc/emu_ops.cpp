@@ -16,22 +16,13 @@
 
 namespace {
 
-at::Tensor gemm_emu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                    const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                    const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                    const at::Tensor& val, const std::optional<at::Tensor>& bias, int64_t codebook_rows,
-                    int64_t format_version) {
-  return cmpq::gpu_gemm(x, perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val, bias,
-                        codebook_rows, format_version, nullptr);
+at::Tensor gemm_emu(const at::Tensor& x, const at::Tensor& perm, const cmpq::LayerView& view,
+                    const std::optional<at::Tensor>& bias) {
+  return cmpq::gpu_gemm(x, perm, view, bias, nullptr);
 }
 
-at::Tensor dequantize_emu(const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                          const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                          const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                          const at::Tensor& val, int64_t codebook_rows, int64_t format_version,
-                          at::ScalarType dtype) {
-  return cmpq::gpu_dequantize(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                              codebook_rows, format_version, dtype, nullptr);
+at::Tensor dequantize_emu(const at::Tensor& perm, const cmpq::LayerView& view, at::ScalarType dtype) {
+  return cmpq::gpu_dequantize(perm, view, dtype, nullptr);
 }
 
 // Fiber order inside each emulated block: "forward", "reverse" or "random" (seeded). Reverse and random
@@ -54,8 +45,8 @@ TORCH_LIBRARY(cmpq_emu, m) {
 }
 
 TORCH_LIBRARY_IMPL(cmpq_emu, CPU, m) {
-  m.impl("gemm", &gemm_emu);
-  m.impl("dequantize", &dequantize_emu);
+  m.impl("gemm", &cmpq::gemm_op<gemm_emu, /*kAllowFloat32=*/false>);
+  m.impl("dequantize", &cmpq::dequantize_op<dequantize_emu>);
 }
 
 PyMODINIT_FUNC PyInit__C_emu(void) {

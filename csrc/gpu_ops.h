@@ -13,7 +13,7 @@
 
 #include <torch/torch.h>
 
-#include "cuda/kernels.h"
+#include "cuda/launchers.h"
 #include "torch_view.h"
 
 namespace cmpq {
@@ -45,14 +45,9 @@ inline at::Tensor gpu_decode_packed(const LayerView& view, const at::TensorOptio
   return w;
 }
 
-inline at::Tensor gpu_gemm(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& codes4,
-                           const at::Tensor& codes3, const at::Tensor& codes2, const at::Tensor& codebook4,
-                           const at::Tensor& codebook3, const at::Tensor& codebook2, const at::Tensor& row_ptr,
-                           const at::Tensor& col, const at::Tensor& val, const std::optional<at::Tensor>& bias,
-                           int64_t codebook_rows, int64_t format_version, cudaStream_t stream) {
-  const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                                   codebook_rows, format_version, x.device());
-  check_gemm_inputs(x, view, bias, /*allow_float32=*/false);
+// The arguments as gemm_op / dequantize_op (torch_view.h) hand them over, already checked.
+inline at::Tensor gpu_gemm(const at::Tensor& x, const at::Tensor& perm, const LayerView& view,
+                           const std::optional<at::Tensor>& bias, cudaStream_t stream) {
   const int64_t m = x.size(0);
   std::optional<at::Tensor> bias_f32;  // the kernels add bias in FP32, before the one output rounding
   if (bias.has_value()) bias_f32 = bias->to(at::kFloat).contiguous();
@@ -73,13 +68,8 @@ inline at::Tensor gpu_gemm(const at::Tensor& x, const at::Tensor& perm, const at
   return bias.has_value() ? at::addmm(bias->to(x.scalar_type()), x_packed, w.t()) : at::mm(x_packed, w.t());
 }
 
-inline at::Tensor gpu_dequantize(const at::Tensor& perm, const at::Tensor& codes4, const at::Tensor& codes3,
-                                 const at::Tensor& codes2, const at::Tensor& codebook4, const at::Tensor& codebook3,
-                                 const at::Tensor& codebook2, const at::Tensor& row_ptr, const at::Tensor& col,
-                                 const at::Tensor& val, int64_t codebook_rows, int64_t format_version,
-                                 at::ScalarType dtype, cudaStream_t stream) {
-  const LayerView view = make_view(perm, codes4, codes3, codes2, codebook4, codebook3, codebook2, row_ptr, col, val,
-                                   codebook_rows, format_version, perm.device());
+inline at::Tensor gpu_dequantize(const at::Tensor& perm, const LayerView& view, at::ScalarType dtype,
+                                 cudaStream_t stream) {
   // Decoding in FP16 is exact for codebook values; only outlier sums round (once).
   const at::ScalarType decode_dtype = dtype == at::kBFloat16 ? at::kBFloat16 : at::kHalf;
   const at::Tensor w_packed = gpu_decode_packed(view, perm.options().dtype(decode_dtype), stream);

@@ -28,7 +28,7 @@ random_layers = import_bench("random_layers")
 
 
 def test_path_labels_mirror_the_cuda_dispatch_table():
-    header = (BENCH_DIR.parent / "csrc" / "cuda" / "kernels.h").read_text()
+    header = (BENCH_DIR.parent / "csrc" / "cuda" / "launchers.h").read_text()
     gemv = int(re.search(r"kGemvMaxM\s*=\s*(\d+)", header).group(1))
     gemm = int(re.search(r"kGemmMaxM\s*=\s*(\d+)", header).group(1))
     assert (gpu_results.GEMV_MAX_M, gpu_results.GEMM_MAX_M) == (gemv, gemm)

@@ -64,11 +64,9 @@ void row_scalar(const LayerView& layer, int row, const float* x, int64_t ldx, fl
       load_table(layer, s, row, table);
       const uint32_t* words = layer.row_codes(s, row);
       const float* xs = x + begin;
-      switch (segment_bits(s)) {
-        case 4: segment_scalar<4, TILE>(words, layer.groups(s), table, xs, ldx, acc); break;
-        case 3: segment_scalar<3, TILE>(words, layer.groups(s), table, xs, ldx, acc); break;
-        default: segment_scalar<2, TILE>(words, layer.groups(s), table, xs, ldx, acc); break;
-      }
+      with_segment_bits(segment_bits(s), [&](auto seg) {
+        segment_scalar<seg.kBits, TILE>(words, layer.groups(s), table, xs, ldx, acc);
+      });
     }
     begin += layer.seg_k[s];
   }
@@ -83,21 +81,23 @@ void decode_row_scalar(const LayerView& layer, int row, float* out) {
     if (layer.seg_k[s] == 0) continue;
     load_table(layer, s, row, table);
     const uint32_t* words = layer.row_codes(s, row);
-    for (int g = 0; g < layer.groups(s); ++g) {
-      switch (segment_bits(s)) {
-        case 4: unpack_group<4>(words + g * 4, codes); break;
-        case 3: unpack_group<3>(words + g * 3, codes); break;
-        default: unpack_group<2>(words + g * 2, codes); break;
+    with_segment_bits(segment_bits(s), [&](auto seg) {
+      for (int g = 0; g < layer.groups(s); ++g) {
+        unpack_group<seg.kBits>(words + g * seg.kWordsPerGroup, codes);
+        for (int j = 0; j < kGroupCodes; ++j) out[begin + g * kGroupCodes + j] = table[codes[j]];
       }
-      for (int j = 0; j < kGroupCodes; ++j) out[begin + g * kGroupCodes + j] = table[codes[j]];
-    }
+    });
   }
 }
 
 // ---- AVX2 path --------------------------------------------------------------------------------------
 
 #if CMPQ_HAVE_X86
-#define CMPQ_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+#define CMPQ_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define CMPQ_AVX2 CMPQ_AVX2_TARGET __attribute__((always_inline)) inline
+// Per-row entry points. GCC does not inline a with_segment_bits body (an AVX2 lambda) across the
+// dispatcher's target boundary by itself; flatten does, which keeps the accumulators in registers.
+#define CMPQ_AVX2_ROW CMPQ_AVX2_TARGET __attribute__((flatten))
 
 // The four index vectors (codes 0-7, 8-15, 16-23, 24-31) of one group.
 template <int BITS>
@@ -185,23 +185,20 @@ CMPQ_AVX2 void decode_segment_avx2(const uint32_t* words, int groups, const floa
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void decode_row_avx2(const LayerView& layer, int row, float* out) {
+CMPQ_AVX2_ROW void decode_row_avx2(const LayerView& layer, int row, float* out) {
   alignas(32) float table[1 << kMaxBits];
   for (int s = 0, begin = 0; s < kNumSegments; begin += layer.seg_k[s], ++s) {
     if (layer.seg_k[s] == 0) continue;
     load_table(layer, s, row, table);
     const uint32_t* words = layer.row_codes(s, row);
-    switch (segment_bits(s)) {
-      case 4: decode_segment_avx2<4>(words, layer.groups(s), table, out + begin); break;
-      case 3: decode_segment_avx2<3>(words, layer.groups(s), table, out + begin); break;
-      default: decode_segment_avx2<2>(words, layer.groups(s), table, out + begin); break;
-    }
+    with_segment_bits(segment_bits(s), [&](auto seg) CMPQ_AVX2_TARGET {
+      decode_segment_avx2<seg.kBits>(words, layer.groups(s), table, out + begin);
+    });
   }
 }
 
 template <int TILE>
-__attribute__((target("avx2,fma,f16c"))) void row_avx2(const LayerView& layer, int row, const float* x, int64_t ldx,
-                                                       float* out) {
+CMPQ_AVX2_ROW void row_avx2(const LayerView& layer, int row, const float* x, int64_t ldx, float* out) {
   alignas(32) float table[1 << kMaxBits];
   __m256 acc[TILE][kChains<TILE>];
   for (int i = 0; i < TILE; ++i)
@@ -212,11 +209,9 @@ __attribute__((target("avx2,fma,f16c"))) void row_avx2(const LayerView& layer, i
       load_table(layer, s, row, table);
       const uint32_t* words = layer.row_codes(s, row);
       const float* xs = x + begin;
-      switch (segment_bits(s)) {
-        case 4: segment_avx2<4, TILE>(words, layer.groups(s), table, xs, ldx, acc); break;
-        case 3: segment_avx2<3, TILE>(words, layer.groups(s), table, xs, ldx, acc); break;
-        default: segment_avx2<2, TILE>(words, layer.groups(s), table, xs, ldx, acc); break;
-      }
+      with_segment_bits(segment_bits(s), [&](auto seg) CMPQ_AVX2_TARGET {
+        segment_avx2<seg.kBits, TILE>(words, layer.groups(s), table, xs, ldx, acc);
+      });
     }
     begin += layer.seg_k[s];
   }

@@ -62,17 +62,10 @@ CMPQ_DEVICE_INLINE void decode_group_store(const uint32_t* src, const uint16_t* 
 // Decode group g (index over all packed groups, segments in memory order) of one row into dst.
 template <class T>
 CMPQ_DEVICE_INLINE void decode_row_group(const LayerView& layer, int row, int g, T* dst) {
-  const int groups4 = layer.groups(0);
-  const int groups43 = groups4 + layer.groups(1);
-  if (g < groups4)
-    decode_group_store<4>(layer.row_codes(0, row) + g * 4, layer.row_codebook(0, row), dst);
-  else if (g < groups43)
-    decode_group_store<3>(layer.row_codes(1, row) + (g - groups4) * 3, layer.row_codebook(1, row), dst);
-  else
-    decode_group_store<2>(layer.row_codes(2, row) + (g - groups43) * 2, layer.row_codebook(2, row), dst);
+  with_segment_bits(segment_bits(layer.segment_of_group(g)), [&](auto seg) {
+    decode_group_store<seg.kBits>(layer.group_words(seg.kSegment, row, g), layer.row_codebook(seg.kSegment, row), dst);
+  });
 }
-
-CMPQ_DEVICE_INLINE int total_groups(const LayerView& layer) { return layer.k / kGroupCodes; }
 
 }  // namespace cuda
 }  // namespace cmpq

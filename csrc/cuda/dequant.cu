@@ -9,7 +9,7 @@
 // block: one thread per row rewrites that row's outlier positions as codebook value + residual in FP32,
 // rounded once. One thread per row keeps repeated (row, col) entries race-free and deterministic.
 #include "decode.cuh"
-#include "kernels.h"
+#include "launchers.h"
 
 namespace cmpq {
 namespace cuda {
@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     cmpq_decode_kernel(LayerView layer,                  // packed weights (device pointers)
                        T* __restrict__ w) {              // [n, k] dense, packed column order
   const int row0 = blockIdx.x * kDecodeRows;
-  const int groups_total = total_groups(layer);
+  const int groups_total = layer.total_groups();
   for (int i = threadIdx.x; i < kDecodeRows * groups_total; i += kDecodeThreads) {
     const int row = row0 + i / groups_total;
     const int g = i % groups_total;
@@ -57,7 +57,7 @@ Status launch_typed(const LayerView& layer, void* w, cudaStream_t stream) {
 }  // namespace decode_detail
 
 Status launch_decode(const LayerView& layer, void* w, ActDtype dtype, cudaStream_t stream) {
-  if (layer.n <= 0 || layer.k <= 0 || layer.k % kGroupCodes != 0) return Status::kBadShape;
+  if (!layer.shape_ok()) return Status::kBadShape;
   return dtype == ActDtype::kHalf ? decode_detail::launch_typed<__half>(layer, w, stream)
                                   : decode_detail::launch_typed<__nv_bfloat16>(layer, w, stream);
 }

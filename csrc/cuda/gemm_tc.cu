@@ -20,7 +20,7 @@
 #include <type_traits>
 
 #include "decode.cuh"
-#include "kernels.h"
+#include "launchers.h"
 #include "ptx.cuh"
 
 namespace cmpq {
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / kWarpSize;
   const int n0 = blockIdx.x * kBlockN;
   const int m0 = blockIdx.y * kBlockM;
-  const int groups_total = total_groups(layer);
+  const int groups_total = layer.total_groups();
 
   float acc[MT][2][4];
 #pragma unroll
@@ -166,7 +166,7 @@ Status launch_typed(const LayerView& layer, const void* x, const int32_t* perm, 
 
 Status launch_gemm(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
                    ActDtype dtype, cudaStream_t stream) {
-  if (layer.n <= 0 || layer.k <= 0 || layer.k % kGroupCodes != 0) return Status::kBadShape;
+  if (!layer.shape_ok()) return Status::kBadShape;
   if (m < 1 || m > kGemmMaxM) return Status::kBadBatch;
   return dtype == ActDtype::kHalf ? gemm_detail::launch_typed<__half>(layer, x, perm, bias, y, m, stream)
                                   : gemm_detail::launch_typed<__nv_bfloat16>(layer, x, perm, bias, y, m, stream);

@@ -23,7 +23,7 @@
 // global memory (0.5 % density: about one entry per lane). The warp then reduces its lanes with a fixed
 // xor butterfly and lane 0 writes: no atomics, deterministic.
 #include "decode.cuh"
-#include "kernels.h"
+#include "launchers.h"
 
 namespace cmpq {
 namespace cuda {
@@ -35,8 +35,15 @@ constexpr int kChunkCols = kChunkGroups * kGroupCodes;      // packed columns st
 constexpr int kGroupStride = kGroupCodes + 1;               // padded: conflict-free reads and writes
 constexpr int kXPlane = kChunkGroups * kGroupStride;        // floats per batch row in shared memory
 constexpr int kTableStride = 32;                            // floats per row: 16 + 8 + 4 (+4 pad)
-constexpr int kTable4 = 0, kTable3 = 16, kTable2 = 24;       // where each segment's codebook starts
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// Where segment s's codebook starts in a row's table: the codebooks follow each other in memory order.
+__host__ __device__ constexpr int table_begin(int s) {
+  int begin = 0;
+  for (int t = 0; t < s; ++t) begin += 1 << segment_bits(t);
+  return begin;
+}
+static_assert(table_begin(kNumSegments) <= kTableStride, "a row's codebooks fit its table");
 
 // acc[m] += sum_c codebook[code_c] * x[m][c] over the 32 codes of one group.
 template <int BITS, int M>
@@ -68,24 +75,22 @@ __global__ void __launch_bounds__(WARPS * kWarpSize)
   const int row0 = (blockIdx.x * WARPS + warp) * ROWS_PER_WARP;
   float* warp_tables = tables + warp * ROWS_PER_WARP * kTableStride;
 
-  // Expand this warp's codebooks: lanes 0-15 the 4-bit entries, 16-23 3-bit, 24-27 2-bit.
-  const int segment = lane < kTable3 ? 0 : (lane < kTable2 ? 1 : 2);
-  const bool loads_entry = lane < kTable2 + 4 &&  // an empty segment stores no codebook
-                           (segment == 0 ? layer.seg_k[0] : (segment == 1 ? layer.seg_k[1] : layer.seg_k[2])) > 0;
+  // Expand this warp's codebooks: lanes 0-15 the 4-bit entries, 16-23 3-bit, 24-27 2-bit. The dispatches
+  // return values rather than store, so they compile to selects (no branches around the loads).
+  const int lane_bits = segment_bits(lane < table_begin(1) ? 0 : (lane < table_begin(2) ? 1 : 2));
+  const bool loads_entry = lane < table_begin(kNumSegments) &&  // an empty segment stores no codebook
+                           with_segment_bits(lane_bits, [&](auto seg) { return layer.seg_k[seg.kSegment] > 0; });
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     const int row = row0 + r;
     if (row >= layer.n || !loads_entry) continue;
-    // Constant segment indices only: a runtime index into the LayerView parameter would copy it to local memory.
-    const uint16_t* codebook = segment == 0 ? layer.row_codebook(0, row) + (lane - kTable4)
-                               : segment == 1 ? layer.row_codebook(1, row) + (lane - kTable3)
-                                              : layer.row_codebook(2, row) + (lane - kTable2);
+    const uint16_t* codebook = with_segment_bits(lane_bits, [&](auto seg) {
+      return layer.row_codebook(seg.kSegment, row) + (lane - table_begin(seg.kSegment));
+    });
     warp_tables[r * kTableStride + lane] = half_bits_to_float(*codebook);
   }
 
-  const int groups4 = layer.groups(0);
-  const int groups43 = groups4 + layer.groups(1);
-  const int groups_total = total_groups(layer);
+  const int groups_total = layer.total_groups();
   float acc[ROWS_PER_WARP][M];
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r)
@@ -105,18 +110,15 @@ __global__ void __launch_bounds__(WARPS * kWarpSize)
     const int g = chunk + lane;
     if (g < groups_total) {
       const float* xl = xs + lane * kGroupStride;
+      with_segment_bits(segment_bits(layer.segment_of_group(g)), [&](auto seg) {  // once for all the warp's rows
 #pragma unroll
-      for (int r = 0; r < ROWS_PER_WARP; ++r) {
-        const int row = row0 + r;
-        if (row >= layer.n) continue;
-        const float* table = warp_tables + r * kTableStride;
-        if (g < groups4)
-          dot_group<4, M>(layer.row_codes(0, row) + g * 4, table + kTable4, xl, acc[r]);
-        else if (g < groups43)
-          dot_group<3, M>(layer.row_codes(1, row) + (g - groups4) * 3, table + kTable3, xl, acc[r]);
-        else
-          dot_group<2, M>(layer.row_codes(2, row) + (g - groups43) * 2, table + kTable2, xl, acc[r]);
-      }
+        for (int r = 0; r < ROWS_PER_WARP; ++r) {
+          const int row = row0 + r;
+          if (row >= layer.n) continue;
+          const float* table = warp_tables + r * kTableStride + table_begin(seg.kSegment);
+          dot_group<seg.kBits, M>(layer.group_words(seg.kSegment, row, g), table, xl, acc[r]);
+        }
+      });
     }
   }
 
@@ -179,19 +181,9 @@ Status launch_typed(const LayerView& layer, const void* x, const int32_t* perm, 
 
 Status launch_gemv(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
                    ActDtype dtype, cudaStream_t stream) {
-  if (layer.n <= 0 || layer.k <= 0 || layer.k % kGroupCodes != 0) return Status::kBadShape;
+  if (!layer.shape_ok()) return Status::kBadShape;
   return dtype == ActDtype::kHalf ? gemv_detail::launch_typed<__half>(layer, x, perm, bias, y, m, stream)
                                   : gemv_detail::launch_typed<__nv_bfloat16>(layer, x, perm, bias, y, m, stream);
-}
-
-const char* status_message(Status status) {
-  switch (status) {
-    case Status::kOk: return "ok";
-    case Status::kBadBatch: return "batch size outside the kernel's range";
-    case Status::kBadShape: return "layer shape not supported (n, k must be positive, k a multiple of 32)";
-    case Status::kLaunchFailed: return "kernel launch failed";
-  }
-  return "unknown status";
 }
 
 }  // namespace cuda

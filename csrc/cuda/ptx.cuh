@@ -1,4 +1,5 @@
-// ptx.cuh — the inline-PTX instructions the kernels use, each with a C++ twin for the CPU emulation.
+// ptx.cuh — the inline-PTX instructions the kernels use (mma.sync, ldmatrix), plus the cp.async copies the
+// pipelined kernels are built on next, each with a C++ twin for the CPU emulation.
 // Everything lives in cmpq::ptx (kernels inside namespace cmpq write ptx::mma_m16n8k16_f16f32(...)).
 //
 // Every helper has three branches: real asm when compiling device code (__CUDA_ARCH__); the emulation under
@@ -18,52 +19,6 @@
 
 namespace cmpq {
 namespace ptx {
-
-// ---- bit manipulation ------------------------------------------------------------------------------------
-
-// Any 3-input bitwise function in one instruction: decode masks and merges exponent bits (Marlin-style).
-// LUT is F(0xF0, 0xCC, 0xAA) for the wanted F(a, b, c), e.g. (a & b) | c -> (0xF0 & 0xCC) | 0xAA.
-template <uint32_t LUT>
-CMPQ_DEVICE_INLINE uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
-#if defined(__CUDA_ARCH__)
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(LUT));
-  return r;
-#elif !defined(__CUDACC__)
-  static_assert(LUT <= 0xffu, "lop3 LUT is 8 bits");
-  uint32_t r = 0;  // OR of the minterms the LUT selects; minterm i = (a bit, b bit, c bit) = (i>>2, i>>1, i) & 1
-  for (int i = 0; i < 8; ++i)
-    if ((LUT >> i) & 1u) r |= ((i & 4) ? a : ~a) & ((i & 2) ? b : ~b) & ((i & 1) ? c : ~c);
-  return r;
-#else
-  (void)a, (void)b, (void)c;
-  return 0;
-#endif
-}
-
-// Byte permute (prmt.b32 default mode): byte i of the result is byte (sel >> 4i) & 7 of {b:a}; when bit 3
-// of that nibble is set, the byte's sign bit is replicated instead (this differs from __byte_perm, which
-// ignores bit 3). One instruction places code bytes into fp16 mantissas.
-CMPQ_DEVICE_INLINE uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-#if defined(__CUDA_ARCH__)
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-#elif !defined(__CUDACC__)
-  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
-  uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t nib = (sel >> (4 * i)) & 0xfu;
-    uint32_t byte = static_cast<uint32_t>(v >> (8 * (nib & 7u))) & 0xffu;
-    if (nib & 8u) byte = (byte & 0x80u) ? 0xffu : 0u;
-    r |= byte << (8 * i);
-  }
-  return r;
-#else
-  (void)a, (void)b, (void)sel;
-  return 0;
-#endif
-}
 
 // ---- tensor cores ----------------------------------------------------------------------------------------
 
@@ -147,12 +102,11 @@ CMPQ_DEVICE_INLINE void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], co
 #if !defined(__CUDACC__)
 namespace emu_ptx {
 // Lanes 8i..8i+7 give the 16-byte row addresses of matrix i; lane l receives in r[i] the elements
-// (row l>>2, columns 2(l&3), 2(l&3)+1) of matrix i, or of its transpose with TRANS.
-template <int NUM, bool TRANS>
-inline void ldmatrix(uint32_t* r, const void* row) {
+// (row l>>2, columns 2(l&3), 2(l&3)+1) of matrix i.
+inline void ldmatrix_x4(uint32_t r[4], const void* row) {
   struct Out { uint32_t r[4]; };
   const Out out = emu::warp_collective<const void*, Out>(0xffffffffu, row, [](const void* const* rows, Out* o) {
-    for (int i = 0; i < 8 * NUM; ++i)
+    for (int i = 0; i < 32; ++i)
       if (reinterpret_cast<uintptr_t>(rows[i]) % 16 != 0)
         throw std::runtime_error("ldmatrix: row address of lane " + std::to_string(i) + " is not 16-byte aligned");
     auto elem = [&](int m, int r_, int c_) {
@@ -161,12 +115,9 @@ inline void ldmatrix(uint32_t* r, const void* row) {
       return static_cast<uint32_t>(v);
     };
     for (int l = 0; l < 32; ++l)
-      for (int m = 0; m < NUM; ++m) {
-        const int r_ = l >> 2, c_ = 2 * (l & 3);
-        o[l].r[m] = TRANS ? elem(m, c_, r_) | elem(m, c_ + 1, r_) << 16 : elem(m, r_, c_) | elem(m, r_, c_ + 1) << 16;
-      }
+      for (int m = 0; m < 4; ++m) o[l].r[m] = elem(m, l >> 2, 2 * (l & 3)) | elem(m, l >> 2, 2 * (l & 3) + 1) << 16;
   });
-  for (int m = 0; m < NUM; ++m) r[m] = out.r[m];
+  for (int m = 0; m < 4; ++m) r[m] = out.r[m];
 }
 }  // namespace emu_ptx
 #endif
@@ -179,56 +130,7 @@ CMPQ_DEVICE_INLINE void ldmatrix_x4(uint32_t r[4], const void* smem_row_ptr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 #elif !defined(__CUDACC__)
-  emu_ptx::ldmatrix<4, false>(r, smem_row_ptr);
-#else
-  (void)r, (void)smem_row_ptr;
-#endif
-}
-
-// Transposed: loads a K-major tile as the column-major B fragment without a shared-memory transpose.
-CMPQ_DEVICE_INLINE void ldmatrix_x4_trans(uint32_t r[4], const void* smem_row_ptr) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-#elif !defined(__CUDACC__)
-  emu_ptx::ldmatrix<4, true>(r, smem_row_ptr);
-#else
-  (void)r, (void)smem_row_ptr;
-#endif
-}
-
-// Two matrices (a B fragment pair); only lanes 0-15 supply addresses.
-CMPQ_DEVICE_INLINE void ldmatrix_x2(uint32_t r[2], const void* smem_row_ptr) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
-#elif !defined(__CUDACC__)
-  emu_ptx::ldmatrix<2, false>(r, smem_row_ptr);
-#else
-  (void)r, (void)smem_row_ptr;
-#endif
-}
-
-// Transposed pair: the B fragment of one n8 tile from a K-major (row = k) shared-memory tile.
-CMPQ_DEVICE_INLINE void ldmatrix_x2_trans(uint32_t r[2], const void* smem_row_ptr) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
-#elif !defined(__CUDACC__)
-  emu_ptx::ldmatrix<2, true>(r, smem_row_ptr);
-#else
-  (void)r, (void)smem_row_ptr;
-#endif
-}
-
-// One matrix; only lanes 0-7 supply addresses.
-CMPQ_DEVICE_INLINE void ldmatrix_x1(uint32_t r[1], const void* smem_row_ptr) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(s));
-#elif !defined(__CUDACC__)
-  emu_ptx::ldmatrix<1, false>(r, smem_row_ptr);
+  emu_ptx::ldmatrix_x4(r, smem_row_ptr);
 #else
   (void)r, (void)smem_row_ptr;
 #endif

@@ -382,7 +382,7 @@ inline unsigned __brev(unsigned x) {
   return __builtin_bswap32(x);
 }
 // Byte i of the result = byte (s >> 4i) & 7 of {y:x}; CUDA documents that the selector's 4th bit is
-// ignored (unlike prmt's default mode, which sign-replicates — see cmpq::ptx::prmt in ptx.cuh).
+// ignored (unlike PTX prmt's default mode, which sign-replicates).
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
   unsigned r = 0;

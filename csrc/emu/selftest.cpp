@@ -179,35 +179,32 @@ __global__ void mma_kernel(const uint16_t* A, const uint16_t* B, const float* C,
   else cmpq::ptx::mma_m16n8k16_f16f32(d, a, b, c);
   D[g * 8 + 2 * t] = d[0], D[g * 8 + 2 * t + 1] = d[1], D[(g + 8) * 8 + 2 * t] = d[2], D[(g + 8) * 8 + 2 * t + 1] = d[3];
 
-  __shared__ __align__(16) uint16_t As[16][16];  // A row-major, B K-major (row = k), as a GEMM stages them
-  __shared__ __align__(16) uint16_t Bs[16][8];
+  // A row-major; B stored as W[n][k] (its transpose), as gemm_tc.cu stages weights, so ldmatrix without
+  // .trans yields B fragments: matrices (n0-7, k0-7) and (n0-7, k8-15); lanes 16-31 repeat them.
+  __shared__ __align__(16) uint16_t As[16][16];
+  __shared__ __align__(16) uint16_t Ws[8][16];
   for (int i = lane; i < 256; i += 32) As[i / 16][i % 16] = A[i];
-  for (int i = lane; i < 128; i += 32) Bs[i / 8][i % 8] = B[i];
+  for (int i = lane; i < 128; i += 32) Ws[i % 8][i / 8] = B[i];
   __syncthreads();
-  uint32_t a2[4], b2[2];
+  uint32_t a2[4], w2[4];
   cmpq::ptx::ldmatrix_x4(a2, &As[lane % 16][(lane / 16) * 8]);
-  cmpq::ptx::ldmatrix_x2_trans(b2, &Bs[lane % 16][0]);
+  cmpq::ptx::ldmatrix_x4(w2, &Ws[lane % 8][((lane / 8) % 2) * 8]);
+  const uint32_t b2[2] = {w2[0], w2[1]};
   if (BF16) cmpq::ptx::mma_m16n8k16_bf16f32(d, a2, b2, c);
   else cmpq::ptx::mma_m16n8k16_f16f32(d, a2, b2, c);
   D2[g * 8 + 2 * t] = d[0], D2[g * 8 + 2 * t + 1] = d[1], D2[(g + 8) * 8 + 2 * t] = d[2], D2[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
-// Every lane points at a scrambled 16-byte row of a 64x16 b16 tile; lanes beyond the used ones pass nullptr.
+// Every lane points at a scrambled 16-byte row of a 64x16 b16 tile.
 __device__ int ld_row(int lane) { return (lane * 13 + 5) % 64; }
-__global__ void ldmatrix_kernel(uint32_t* out, int variant) {
+__global__ void ldmatrix_kernel(uint32_t* out, bool misaligned) {
   __shared__ __align__(16) uint16_t tile[64][16];
   const int lane = threadIdx.x;
   for (int i = lane; i < 64 * 16; i += 32) tile[i / 16][i % 16] = static_cast<uint16_t>(0x1000 + i);
   __syncthreads();
-  const int used = variant < 2 ? 32 : variant < 4 ? 16 : 8;
-  const void* p = lane < used ? &tile[ld_row(lane)][8 * (lane & 1)] : nullptr;
+  const void* p = &tile[ld_row(lane)][8 * (lane & 1)];
   uint32_t r[4] = {0, 0, 0, 0};
-  if (variant == 0) cmpq::ptx::ldmatrix_x4(r, p);
-  if (variant == 1) cmpq::ptx::ldmatrix_x4_trans(r, p);
-  if (variant == 2) cmpq::ptx::ldmatrix_x2(r, p);
-  if (variant == 3) cmpq::ptx::ldmatrix_x2_trans(r, p);
-  if (variant == 4) cmpq::ptx::ldmatrix_x1(r, p);
-  if (variant == 5) cmpq::ptx::ldmatrix_x4(r, reinterpret_cast<const char*>(&tile[0][0]) + 2);  // misaligned: throws
+  cmpq::ptx::ldmatrix_x4(r, misaligned ? reinterpret_cast<const char*>(&tile[0][0]) + 2 : p);  // misaligned: throws
   for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
 }
 
@@ -416,7 +413,7 @@ void test_shuffles_and_votes() {
 void test_bits() {
   std::mt19937 rng(2);
   for (int it = 0; it < 20000; ++it) {
-    const uint32_t a = rng(), b = rng(), c = rng(), sel = rng(), sh = rng() % 40;
+    const uint32_t a = rng(), b = rng(), sel = rng(), sh = rng() % 40;
     const int shift = static_cast<int>(rng() % 32);
     const uint32_t x = it < 64 ? (it < 32 ? 1u << it : 0u) : a >> shift;  // include 0 and single bits
     int pop = 0, clz = 32, ffs = 0;
@@ -429,36 +426,18 @@ void test_bits() {
     }
     CHECK(__popc(x) == pop && __clz(static_cast<int>(x)) == clz && __ffs(static_cast<int>(x)) == ffs && __brev(x) == brev,
           "bit counts of 0x%08x", x);
-    uint32_t perm = 0, pr = 0;
+    uint32_t perm = 0;
     for (int i = 0; i < 4; ++i) {
-      const uint32_t nib = (sel >> (4 * i)) & 0xf, k = nib & 7;
-      const uint32_t byte = ((k < 4 ? a >> (8 * k) : b >> (8 * (k - 4))) & 0xff);
-      perm |= byte << (8 * i);
-      pr |= ((nib & 8) ? ((byte & 0x80) ? 0xffu : 0u) : byte) << (8 * i);
+      const uint32_t k = (sel >> (4 * i)) & 7;
+      perm |= ((k < 4 ? a >> (8 * k) : b >> (8 * (k - 4))) & 0xff) << (8 * i);
     }
     CHECK(__byte_perm(a, b, sel) == perm, "__byte_perm(0x%08x, 0x%08x, 0x%08x)", a, b, sel);
-    CHECK(cmpq::ptx::prmt(a, b, sel) == pr, "prmt(0x%08x, 0x%08x, 0x%08x)", a, b, sel);
     const uint64_t hl = (static_cast<uint64_t>(b) << 32) | a;
     CHECK(__funnelshift_l(a, b, sh) == static_cast<uint32_t>((hl << (sh & 31)) >> 32) &&
               __funnelshift_r(a, b, sh) == static_cast<uint32_t>(hl >> (sh & 31)) &&
               __funnelshift_lc(a, b, sh) == (sh >= 32 ? a : static_cast<uint32_t>((hl << sh) >> 32)) &&
               __funnelshift_rc(a, b, sh) == (sh >= 32 ? b : static_cast<uint32_t>(hl >> sh)),
           "funnel shifts by %u", sh);
-    CHECK((cmpq::ptx::lop3<(0xF0 & 0xCC) | 0xAA>(a, b, c) == ((a & b) | c)) && (cmpq::ptx::lop3<0xF0 ^ 0xCC ^ 0xAA>(a, b, c) == (a ^ b ^ c)) &&
-              (cmpq::ptx::lop3<(0xF0 & ~0xCC) | (0xCC & 0xAA)>(a, b, c) == ((a & ~b) | (b & c))),
-          "lop3 formulas");
-  }
-  // A few fixed LUTs against the per-bit definition: bit i of the result = LUT[(a_i << 2) | (b_i << 1) | c_i].
-  auto per_bit = [](uint32_t lut, uint32_t a, uint32_t b, uint32_t c) {
-    uint32_t r = 0;
-    for (int i = 0; i < 32; ++i) r |= ((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1u) << i;
-    return r;
-  };
-  for (int it = 0; it < 1000; ++it) {
-    const uint32_t a = rng(), b = rng(), c = rng();
-    CHECK(cmpq::ptx::lop3<0x96>(a, b, c) == per_bit(0x96, a, b, c) && cmpq::ptx::lop3<0x1e>(a, b, c) == per_bit(0x1e, a, b, c) &&
-              cmpq::ptx::lop3<0xe8>(a, b, c) == per_bit(0xe8, a, b, c) && cmpq::ptx::lop3<0x01>(a, b, c) == per_bit(0x01, a, b, c),
-          "lop3 per-bit");
   }
 }
 
@@ -627,25 +606,19 @@ void check_mma() {
 }
 
 void test_ldmatrix() {
-  std::vector<uint32_t> out(128);
+  std::vector<uint32_t> out(128, 0xdeadbeefu);
   uint32_t* p = out.data();
   auto* kernel = ldmatrix_kernel;
-  const int nums[] = {4, 4, 2, 2, 1};
-  for (int variant = 0; variant < 5; ++variant) {
-    const int num = nums[variant];
-    const bool trans = variant == 1 || variant == 3;
-    std::fill(out.begin(), out.end(), 0xdeadbeefu);
-    CMPQ_LAUNCH(kernel, dim3(1), dim3(32), 0, nullptr, p, variant);
-    // Matrix m, row r = the 8 b16 values at the address lane 8m + r gave: tile[ld_row(lane)][8 * (lane & 1) + col].
-    auto M = [](int m, int r, int c) { const int lane = 8 * m + r; return 0x1000u + ld_row(lane) * 16 + 8 * (lane & 1) + c; };
-    for (int l = 0; l < 32; ++l)
-      for (int m = 0; m < 4; ++m) {
-        const int r = l >> 2, c = 2 * (l & 3);
-        const uint32_t want = m >= num ? 0u : trans ? M(m, c, r) | M(m, c + 1, r) << 16 : M(m, r, c) | M(m, r, c + 1) << 16;
-        CHECK(out[l * 4 + m] == want, "ldmatrix variant %d lane %d reg %d: 0x%08x, want 0x%08x", variant, l, m, out[l * 4 + m], want);
-      }
-  }
-  CHECK(has(error_of([&] { CMPQ_LAUNCH(kernel, dim3(1), dim3(32), 0, nullptr, p, 5); }), "not 16-byte aligned"),
+  CMPQ_LAUNCH(kernel, dim3(1), dim3(32), 0, nullptr, p, false);
+  // Matrix m, row r = the 8 b16 values at the address lane 8m + r gave: tile[ld_row(lane)][8 * (lane & 1) + col].
+  auto M = [](int m, int r, int c) { const int lane = 8 * m + r; return 0x1000u + ld_row(lane) * 16 + 8 * (lane & 1) + c; };
+  for (int l = 0; l < 32; ++l)
+    for (int m = 0; m < 4; ++m) {
+      const int r = l >> 2, c = 2 * (l & 3);
+      const uint32_t want = M(m, r, c) | M(m, r, c + 1) << 16;
+      CHECK(out[l * 4 + m] == want, "ldmatrix lane %d reg %d: 0x%08x, want 0x%08x", l, m, out[l * 4 + m], want);
+    }
+  CHECK(has(error_of([&] { CMPQ_LAUNCH(kernel, dim3(1), dim3(32), 0, nullptr, p, true); }), "not 16-byte aligned"),
         "misaligned ldmatrix row");
 }
 

@@ -1,4 +1,4 @@
-// kernels.h — torch-free launchers of the CMPQ CUDA kernels.
+// launchers.h — torch-free launchers of the CMPQ CUDA kernels.
 //
 // Each launcher takes raw pointers, sizes and a stream, launches one kernel and returns an error code;
 // the bindings (cmpq_cuda.cpp on a GPU, emu_ops.cpp under the host SIMT emulation) turn codes into
@@ -27,7 +27,16 @@ enum class Status {
   kLaunchFailed,   // the runtime refused the launch (see cudaGetLastError)
 };
 
-const char* status_message(Status status);
+// For the bindings' exception text.
+inline const char* status_message(Status status) {
+  switch (status) {
+    case Status::kOk: return "ok";
+    case Status::kBadBatch: return "batch size outside the kernel's range";
+    case Status::kBadShape: return "layer shape not supported (n, k must be positive, k a multiple of 32)";
+    case Status::kLaunchFailed: return "kernel launch failed";
+  }
+  return "unknown status";
+}
 
 // Batch ranges of the three paths (the dispatch table; see gpu_ops.h):
 constexpr int kGemvMaxM = 8;    // m <= 8: fused GEMV
