@@ -7,35 +7,24 @@ orders between warps — so the kernel tests that build on the emulation are onl
 passing. Needs a C++17 compiler (GCC: the instrumentation flag), not torch.
 """
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-CXX = os.environ.get("CXX", "g++")
-
+from emu_build import CSRC, INSTRUMENT, compile_emu
 
 SCHEDULES = ["forward", "reverse", "random", "random:20240607", "warp-forward", "warp-reverse", "warp-random",
              "warp-random:99"]
 
 
-def _compile(cmd: list[str]) -> None:
-    proc = subprocess.run([CXX, "-O2", "-std=c++17", "-Wall", "-Wextra", f"-I{CSRC}", *cmd], capture_output=True,
-                          text=True, timeout=180)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
-
-
 def _build(out_dir: Path, name: str, extra: list[str]) -> Path:
-    """The kernels' translation unit with -fsanitize=thread (hooks in hazards.cpp), the emulation without;
-    -rdynamic exports the race kernels' symbols so hazard reports name them (csrc/emu/emu.h, Build)."""
-    if shutil.which(CXX) is None:
-        pytest.skip(f"no C++ compiler ({CXX}) on PATH")
+    """The kernels' translation unit instrumented, the emulation not; -rdynamic exports the race kernels'
+    symbols so hazard reports name them."""
     exe, obj = out_dir / name, out_dir / f"{name}.o"
-    _compile([*extra, "-fsanitize=thread", "-c", str(CSRC / "emu" / "selftest.cpp"), "-o", str(obj)])
-    _compile([*extra, "-rdynamic", str(obj), str(CSRC / "emu" / "emu.cpp"), str(CSRC / "emu" / "hazards.cpp"),
-              "-pthread", "-o", str(exe)])
+    compile_emu([*extra, *INSTRUMENT, "-c", str(CSRC / "emu" / "selftest.cpp"), "-o", str(obj)])
+    compile_emu([*extra, "-rdynamic", str(obj), str(CSRC / "emu" / "emu.cpp"), str(CSRC / "emu" / "hazards.cpp"),
+                 "-pthread", "-o", str(exe)])
     return exe
 
 
