@@ -45,16 +45,17 @@ def hazard(kernel: str, array: str) -> str:
     return re.escape(f"shared-memory hazard in cmpq::cuda::{kernel}") + ".*" + re.escape(f"{kernel}::{array} + ")
 
 
-GEMM_HALF_M17 = "cmpq_gemm_kernel<__half, 2>"
+# m = 17 takes the tensor-core GEMM with two m16 tiles per block.
+GEMM_NODE = "test_every_path_matches_reference[emu-forward-17-dtype0]"
+GEMM_HAZARD = hazard("gemm_detail::cmpq_gemm_kernel<__half, 2>", "smem")
 BARRIERS = [
-    Barrier("gemm_tc.cu", 1, "the x and w tiles are staged before any warp's ldmatrix reads them",
-            "test_every_path_matches_reference[emu-forward-17-dtype0]", hazard(f"gemm_detail::{GEMM_HALF_M17}", "smem")),
+    Barrier("gemm_tc.cu", 1, "the x and w tiles are staged before any warp's ldmatrix reads them", GEMM_NODE,
+            GEMM_HAZARD),
     Barrier("gemm_tc.cu", 2, "every warp consumed the tiles before the next step (or the epilogue) overwrites them",
-            "test_every_path_matches_reference[emu-forward-17-dtype0]", hazard(f"gemm_detail::{GEMM_HALF_M17}", "smem")),
-    Barrier("gemm_tc.cu", 3, "the accumulator tile is complete before the outlier pass updates it",
-            "test_every_path_matches_reference[emu-forward-17-dtype0]", hazard(f"gemm_detail::{GEMM_HALF_M17}", "smem")),
-    Barrier("gemm_tc.cu", 4, "the outlier pass is done before the tile is written out",
-            "test_every_path_matches_reference[emu-forward-17-dtype0]", hazard(f"gemm_detail::{GEMM_HALF_M17}", "smem")),
+            GEMM_NODE, GEMM_HAZARD),
+    Barrier("gemm_tc.cu", 3, "the accumulator tile is complete before the outlier pass updates it", GEMM_NODE,
+            GEMM_HAZARD),
+    Barrier("gemm_tc.cu", 4, "the outlier pass is done before the tile is written out", GEMM_NODE, GEMM_HAZARD),
     Barrier("gemv.cu", 1, "the previous 1024-column chunk of x is consumed before the next is staged",
             "test_awkward_shapes[emu-forward-4-130-1088]",
             hazard("gemv_detail::cmpq_gemv_kernel<__nv_bfloat16, 4, 4, 2>", "xs")),

@@ -38,7 +38,10 @@
 // from several), a launch from inside a kernel throws. Fibers share the launching thread's floating-point
 // environment: MXCSR and the x87 control word are neither saved nor restored on a switch (kernels do not
 // change rounding modes, and every fiber starts from the launching thread's settings). Static __shared__
-// memory keeps its contents across blocks; only dynamic shared memory is re-poisoned (0xFF) per block.
+// memory keeps its contents across blocks; only dynamic shared memory is re-poisoned (0xFF) per block. The
+// hazard checker sees only code compiled with -fsanitize=thread, checks shared memory between warps of a
+// block (not global memory, not lanes of one warp), and names static arrays only when their symbols are
+// exported (templates' static locals in a shared library; -rdynamic for an executable).
 #pragma once
 
 #if defined(__CUDACC__)
