@@ -21,6 +21,9 @@ from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wextra"]
+EMU_FLAGS = ["-O2", "-g0", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
+# The emulated kernels' translation unit is instrumented for the shared-memory hazard checker (csrc/emu/emu.h).
+EMU_KERNELS, EMU_KERNEL_FLAGS = "csrc/emu/kernels.cpp", ["-std=c++17", "-fsanitize=thread", *EMU_FLAGS]
 CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 
 
@@ -54,11 +57,12 @@ ext_modules = [
     ),
     # The CUDA kernels' exact sources built for the host under the SIMT emulation (csrc/emu): this is how
     # the CPU-only test suite checks kernel logic. torch.ops.cmpq_emu.*; not used in inference.
+    # The kernels themselves (EMU_KERNELS) are compiled apart, see BuildExtension.
     cpp_extension.CppExtension(
         "cmpq_kernels._C_emu",
-        ["csrc/emu_ops.cpp", "csrc/emu/emu.cpp"],
+        ["csrc/emu_ops.cpp", "csrc/emu/emu.cpp", "csrc/emu/hazards.cpp"],
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O2", "-g0", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]},
+        extra_compile_args={"cxx": EMU_FLAGS},
     ),
 ]
 if want_cuda():
@@ -74,4 +78,17 @@ if want_cuda():
 else:
     print("cmpq_kernels: building the CPU extension only (no CUDA torch/toolkit/sources, or CMPQ_FORCE_CUDA=0)")
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build, plus the emulated kernels compiled with their own flags (an extension has one set)."""
+
+    def build_extension(self, ext):
+        if ext.name == "cmpq_kernels._C_emu":
+            ext.extra_objects = self.compiler.compile(
+                [EMU_KERNELS], output_dir=os.path.join(self.build_temp, "instrumented"),
+                include_dirs=ext.include_dirs, extra_postargs=EMU_KERNEL_FLAGS)
+        super().build_extension(ext)
+
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

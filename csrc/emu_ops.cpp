@@ -1,5 +1,5 @@
 // emu_ops.cpp — the CUDA kernels' exact sources, compiled for the host under the SIMT emulation
-// (csrc/emu/), exposed as torch.ops.cmpq_emu.* on CPU tensors with the schemas of cmpq::gemm and
+// (csrc/emu/kernels.cpp), exposed as torch.ops.cmpq_emu.* on CPU tensors with the schemas of cmpq::gemm and
 // cmpq::dequantize. This is how CI, which has no GPU, tests the kernel logic. Keep shapes small: an
 // emulated launch runs every CUDA thread as a fiber.
 #include <Python.h>
@@ -9,9 +9,6 @@
 
 // Torch first: the emulation defines CUDA keywords (__shared__, threadIdx, ...) as macros.
 #define CMPQ_EMU 1
-#include "cuda/dequant.cu"
-#include "cuda/gemm_tc.cu"
-#include "cuda/gemv.cu"
 #include "gpu_ops.h"
 
 namespace {
@@ -25,15 +22,13 @@ at::Tensor dequantize_emu(const at::Tensor& perm, const cmpq::LayerView& view, a
   return cmpq::gpu_dequantize(perm, view, dtype, nullptr);
 }
 
-// Fiber order inside each emulated block: "forward", "reverse" or "random" (seeded). Reverse and random
-// orders expose a missing __syncthreads that forward order would hide.
+// Fiber order inside each emulated block (csrc/emu/emu.h, Schedule): lane-level "forward", "reverse",
+// "random" and warp-serial "warp-forward", "warp-reverse", "warp-random"; `seed` drives the random ones.
 void set_schedule(const std::string& order, int64_t seed) {
-  using cmpq::emu::Schedule;
-  TORCH_CHECK_VALUE(order == "forward" || order == "reverse" || order == "random",
-                    "cmpq_emu.set_schedule: order must be forward, reverse or random, got ", order);
-  cmpq::emu::set_schedule(order == "forward" ? Schedule::kForward
-                                             : (order == "reverse" ? Schedule::kReverse : Schedule::kRandom),
-                          static_cast<uint64_t>(seed));
+  cmpq::emu::Schedule schedule;
+  TORCH_CHECK_VALUE(cmpq::emu::parse_schedule(order, &schedule), "cmpq_emu.set_schedule: order must be ",
+                    cmpq::emu::kScheduleNames, ", got ", order);
+  cmpq::emu::set_schedule(schedule, static_cast<uint64_t>(seed));
 }
 
 }  // namespace
@@ -42,6 +37,7 @@ TORCH_LIBRARY(cmpq_emu, m) {
   m.def(cmpq::kGemmSchema);
   m.def(cmpq::kDequantizeSchema);
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
+  m.def("set_hazard_check(bool on) -> ()", &cmpq::emu::set_hazard_check);  // shared-memory hazards (hazards.cpp)
 }
 
 TORCH_LIBRARY_IMPL(cmpq_emu, CPU, m) {

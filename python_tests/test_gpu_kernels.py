@@ -1,9 +1,13 @@
 """The CUDA kernels (gemv.cu, gemm_tc.cu, dequant.cu) against the reference, on two backends.
 
-* ``emu``: the exact kernel sources on the CPU under the SIMT emulation (``torch.ops.cmpq_emu.*``, same
-  schemas and the same GPU dispatch of ``csrc/gpu_ops.h``: m <= 8 GEMV, m <= 128 tensor-core GEMM, larger
-  m decode + matmul). Runs everywhere, CI included. Outputs and workspaces are poisoned with NaN inside
-  the emulated op, so an element a kernel fails to write shows up as NaN.
+* ``emu-<schedule>``: the exact kernel sources on the CPU under the SIMT emulation (``torch.ops.cmpq_emu.*``,
+  same schemas and the same GPU dispatch of ``csrc/gpu_ops.h``: m <= 8 GEMV, m <= 128 tensor-core GEMM,
+  larger m decode + matmul), in each fiber schedule of ``csrc/emu/emu.h`` — lane-level (a missing barrier
+  between threads that meet at the same switch points changes results) and warp-serial (each warp runs
+  alone from barrier to barrier, so any missing barrier between warps does) — with the shared-memory hazard
+  checker on (a race is an error even where the schedule happens to give the right values). Runs
+  everywhere, CI included. Outputs and workspaces are poisoned with NaN inside the emulated op, so an
+  element a kernel fails to write shows up as NaN.
 * ``cuda``: ``torch.ops.cmpq.*`` on a real GPU (skipped without one). The caching allocator is filled
   with NaN before each call, so the op's fresh output very likely lands on poisoned memory.
 
@@ -26,18 +30,30 @@ from cmpq_kernels.format import CMPQLayer
 from conftest import assert_matches_reference, make_layer, random_x
 
 GEMV_MAX_M, GEMM_MAX_M = 8, 128
-SCHEDULES = ("forward", "reverse", "random")
+SCHEDULES = ("forward", "reverse", "random", "warp-forward", "warp-reverse", "warp-random")
 DTYPES = (torch.float16, torch.bfloat16)
 SEGMENT_MIXES = [(96, 0, 0), (0, 96, 0), (0, 0, 96), (32, 32, 32), (0, 64, 32), (64, 0, 32), (32, 64, 0)]
 
 
 HAS_CUDA = torch.cuda.is_available() and cmpq_kernels.backends()["cuda"]
-BACKENDS = ["emu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU / CUDA build"))]
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU / CUDA build"))
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    return request.param
+def run_emulated(schedule: str, seed: int = 7) -> None:
+    """Later emulated launches run in this fiber schedule, with shared-memory hazard checking on."""
+    torch.ops.cmpq_emu.set_schedule(schedule, seed)
+    torch.ops.cmpq_emu.set_hazard_check(True)
+
+
+@pytest.fixture(params=[*(f"emu-{s}" for s in SCHEDULES), CUDA])
+def backend(request):
+    """Yields "cuda" or "emu"; an emu-<schedule> parameter sets the schedule and checks hazards (off after)."""
+    if request.param == "cuda":
+        yield "cuda"
+        return
+    run_emulated(request.param.removeprefix("emu-"))
+    yield "emu"
+    torch.ops.cmpq_emu.set_hazard_check(False)
 
 
 def poison_cuda_allocator() -> None:
@@ -45,9 +61,8 @@ def poison_cuda_allocator() -> None:
     torch.full((1 << 24,), float("nan"), device="cuda")  # freed at once, back in the cache
 
 
-def emu_gemm(x: torch.Tensor, layer: CMPQLayer, bias=None, schedule: str = "forward",
-             backend: str = "emu") -> torch.Tensor:
-    """``gemm`` on the chosen backend; inputs and result on the CPU. ``schedule`` orders emulated fibers."""
+def emu_gemm(x: torch.Tensor, layer: CMPQLayer, bias=None, backend: str = "emu") -> torch.Tensor:
+    """``gemm`` on the chosen backend; inputs and result on the CPU."""
     bias = layer.bias if bias is None else bias
     if backend == "cuda":
         poison_cuda_allocator()
@@ -55,7 +70,6 @@ def emu_gemm(x: torch.Tensor, layer: CMPQLayer, bias=None, schedule: str = "forw
         bias = None if bias is None else bias.cuda()
         return torch.ops.cmpq.gemm(x.cuda(), layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col,
                                    layer.val, bias, layer.codebook_rows, layer.format_version).cpu()
-    torch.ops.cmpq_emu.set_schedule(schedule, 7)
     return torch.ops.cmpq_emu.gemm(x, layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr, layer.col,
                                    layer.val, bias, layer.codebook_rows, layer.format_version)
 
@@ -69,36 +83,32 @@ def weight_round(m: int, dtype: torch.dtype) -> float:
     return 0.0 if m <= GEMM_MAX_M else 2.0**-11
 
 
-def check(layer: CMPQLayer, m: int, dtype: torch.dtype, schedule: str = "forward", seed: int = 0,
-          backend: str = "emu") -> torch.Tensor:
+def check(layer: CMPQLayer, m: int, dtype: torch.dtype, seed: int = 0, backend: str = "emu") -> torch.Tensor:
     x = random_x(m, layer.k, dtype, seed)
-    y = emu_gemm(x, layer, schedule=schedule, backend=backend)
+    y = emu_gemm(x, layer, backend=backend)
     assert_matches_reference(y, x, layer, weight_round=weight_round(m, dtype))
     return y
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 100, 128, 129, 150])
-def test_every_path_matches_reference(m, dtype, schedule, backend):
-    if backend == "cuda" and schedule != "forward":
-        pytest.skip("fiber schedules are an emulation concept")
+def test_every_path_matches_reference(m, dtype, backend):
     layer = make_layer(37, 160, (64, 32, 64), outlier_density=0.02, bias=torch.float16, seed=m)
-    check(layer, m, dtype, schedule, seed=m, backend=backend)
+    check(layer, m, dtype, seed=m, backend=backend)
 
 
 @pytest.mark.parametrize("seg_k", SEGMENT_MIXES)
 @pytest.mark.parametrize("m", [1, 7, 20, 140])
 def test_segment_mixes(seg_k, m, backend):
     layer = make_layer(70, sum(seg_k), seg_k, outlier_density=0.01, seed=sum(seg_k) + m)
-    check(layer, m, torch.float16, "reverse", backend=backend)
+    check(layer, m, torch.float16, backend=backend)
 
 
 @pytest.mark.parametrize("n,k", [(1, 32), (3, 64), (65, 32), (130, 1088), (200, 2080)])
 @pytest.mark.parametrize("m", [1, 4, 24])
 def test_awkward_shapes(n, k, m, backend):
     """n around the 8-row GEMV and 64-row GEMM blocks; k spanning 1024-column GEMV chunks and 64-column GEMM steps."""
-    check(make_layer(n, k, outlier_density=0.005, seed=n + k), m, torch.bfloat16, "random", backend=backend)
+    check(make_layer(n, k, outlier_density=0.005, seed=n + k), m, torch.bfloat16, backend=backend)
 
 
 OUTLIER_PATTERNS = {
@@ -114,13 +124,13 @@ OUTLIER_PATTERNS = {
 def test_outlier_patterns(pattern, m, backend):
     n, k = 45, 96
     layer = make_layer(n, k, outliers=OUTLIER_PATTERNS[pattern](n, k), seed=3)
-    check(layer, m, torch.float16, "reverse", backend=backend)
+    check(layer, m, torch.float16, backend=backend)
 
 
 @pytest.mark.parametrize("m", [1, 20, 130])
 def test_dense_outliers_codebook_rows_and_bias(m, backend):
     layer = make_layer(37, 96, outlier_density=0.2, codebook_rows=4, bias=torch.float32, seed=11)
-    check(layer, m, torch.float16, "random", backend=backend)
+    check(layer, m, torch.float16, backend=backend)
     bias = torch.randn(37, dtype=torch.bfloat16)
     x = random_x(m, 96, torch.bfloat16)
     assert_matches_reference(emu_gemm(x, layer, bias=bias, backend=backend), x, layer, bias=bias,
@@ -133,7 +143,11 @@ def test_schedules_give_identical_bits(m, dtype):
     """Each thread sums in a fixed order whatever the fiber order, so results are bit-identical."""
     layer = make_layer(50, 128, outlier_density=0.05, seed=5)
     x = random_x(m, 128, dtype)
-    outputs = [emu_gemm(x, layer, schedule=s) for s in SCHEDULES]
+    outputs = []
+    for schedule in SCHEDULES:
+        run_emulated(schedule)
+        outputs.append(emu_gemm(x, layer))
+    torch.ops.cmpq_emu.set_hazard_check(False)
     assert all(torch.equal(outputs[0], y) for y in outputs[1:])
 
 
@@ -168,6 +182,7 @@ def test_dequantize_matches_reference(dtype, pattern, backend):
     assert torch.equal(w, reference.dequantize(layer, torch.float64).to(dtype))
 
 
+@pytest.mark.parametrize("backend", ["emu-forward", CUDA], indirect=True)
 def test_bad_inputs(backend):
     layer = make_layer(8, 64, seed=1)
     with pytest.raises(TypeError, match="float16 or bfloat16"):

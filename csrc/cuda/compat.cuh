@@ -30,9 +30,11 @@
 #else
 #include "../emu/emu.h"
 
-// The lambda runs once per emulated thread; arguments are captured by reference from the launcher.
-#define CMPQ_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
-  ::cmpq::emu::launch((grid), (block), (smem_bytes), (stream), [&] { kernel(__VA_ARGS__); })
+// The lambda runs once per emulated thread; arguments are captured by reference from the launcher. The
+// kernel's address lets hazard reports name it.
+#define CMPQ_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                    \
+  ::cmpq::emu::launch((grid), (block), (smem_bytes), (stream), [&] { kernel(__VA_ARGS__); }, \
+                      reinterpret_cast<const void*>(kernel))
 // `extern static` is not C++, so the emulation hands out its per-block buffer through a pointer.
 #define CMPQ_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::cmpq::emu::dynamic_smem())
 #endif

@@ -4,6 +4,8 @@
 // sigprocmask syscall each time), other targets fall back to ucontext.
 #include "emu.h"
 
+#include "hazards.h"
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -13,6 +15,7 @@
 #include <exception>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if !defined(__x86_64__) || defined(CMPQ_EMU_UCONTEXT)
@@ -157,8 +160,11 @@ struct Runtime {
 
   std::vector<Fiber> fibers;
   std::vector<std::vector<Pending>> warps;
-  std::vector<unsigned> order;
+  std::vector<unsigned> order;       // lane-level schedules: fibers in resume order
+  std::vector<unsigned> warp_order;  // warp-serial schedules: warps in run order,
+  unsigned lane_order[32];           //   and the running warp's lanes in resume order
   unsigned nthreads = 0, barrier_arrived = 0;
+  uint64_t releases = 0;  // __syncthreads released so far: a change ends a warp-serial barrier interval
   Fiber* current = nullptr;
   Context sched_ctx;
   bool cancelling = false, failed = false;
@@ -270,21 +276,26 @@ uint64_t splitmix64(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
+bool is_random(Schedule s) { return s == Schedule::kRandom || s == Schedule::kWarpRandom; }
+bool is_warp_serial(Schedule s) {
+  return s == Schedule::kWarpForward || s == Schedule::kWarpReverse || s == Schedule::kWarpRandom;
+}
+
+// CMPQ_EMU_SCHEDULE: a schedule name, random ones optionally followed by :<seed>.
 void resolve_schedule() {
   if (g_rt.schedule_set) return;
-  g_rt.schedule_set = true;
   const char* env = std::getenv("CMPQ_EMU_SCHEDULE");
-  if (!env || !*env) return;
-  const std::string s = env;
-  if (s == "forward") g_rt.schedule = Schedule::kForward;
-  else if (s == "reverse") g_rt.schedule = Schedule::kReverse;
-  else if (s == "random" || s.rfind("random:", 0) == 0) {
-    g_rt.schedule = Schedule::kRandom;
-    g_rt.seed = s.size() > 7 ? std::strtoull(s.c_str() + 7, nullptr, 0) : 0;
-  } else {
-    g_rt.schedule_set = false;
-    throw std::runtime_error("cmpq::emu: CMPQ_EMU_SCHEDULE must be forward, reverse, random or random:<seed>, got '" + s + "'");
+  if (env && *env) {
+    const std::string s = env;
+    const size_t colon = s.find(':');
+    Schedule schedule;
+    if (!parse_schedule(s.substr(0, colon), &schedule) || (colon != std::string::npos && !is_random(schedule)))
+      throw std::runtime_error(std::string("cmpq::emu: CMPQ_EMU_SCHEDULE must be ") + kScheduleNames +
+                               " (random ones optionally :<seed>), got '" + s + "'");
+    g_rt.schedule = schedule;
+    g_rt.seed = colon == std::string::npos ? 0 : std::strtoull(s.c_str() + colon + 1, nullptr, 0);
   }
+  g_rt.schedule_set = true;
 }
 
 // One line per run of consecutive threads in the same situation, e.g. "threads 1-127: wait at __syncthreads".
@@ -320,27 +331,59 @@ std::string describe_stuck_block() {
   return msg;
 }
 
+void shuffle(std::vector<unsigned>& v, uint64_t& rng) {
+  for (size_t i = v.size() - 1; i > 0; --i) std::swap(v[i], v[splitmix64(rng) % (i + 1)]);
+}
+
+// Lane-level: a round resumes every runnable fiber once, in schedule order; released fibers run in the
+// next round. Returns whether any fiber ran.
+bool run_round(uint64_t& rng, unsigned& done) {
+  if (g_rt.schedule == Schedule::kRandom) shuffle(g_rt.order, rng);
+  bool progressed = false;
+  for (unsigned idx : g_rt.order) {
+    Fiber& f = g_rt.fibers[idx];
+    if (f.state != State::kRunnable) continue;
+    resume(f);
+    progressed = true;
+    if (f.state == State::kDone) ++done;
+    if (g_rt.failed) break;
+  }
+  return progressed;
+}
+
+// Warp-serial: one barrier interval. Each warp in turn runs alone, in rounds over its lanes, until none of
+// them can run (all wait at the barrier or in a collective, or exited); the barrier's release ends the
+// interval, so the next call picks a fresh order. Returns whether any fiber ran.
+bool run_interval(uint64_t& rng, unsigned& done) {
+  if (g_rt.schedule == Schedule::kWarpRandom) shuffle(g_rt.warp_order, rng);
+  const uint64_t interval = g_rt.releases;
+  bool progressed = false;
+  for (unsigned warp : g_rt.warp_order) {
+    for (bool again = true; again;) {
+      again = false;
+      for (unsigned lane : g_rt.lane_order) {
+        const unsigned idx = warp * 32 + lane;
+        if (idx >= g_rt.nthreads || g_rt.fibers[idx].state != State::kRunnable) continue;
+        resume(g_rt.fibers[idx]);
+        progressed = again = true;
+        if (g_rt.fibers[idx].state == State::kDone) ++done;
+        if (g_rt.failed || g_rt.releases != interval) return progressed;
+      }
+    }
+  }
+  return progressed;
+}
+
 void run_block(uint64_t& rng) {
   const unsigned n = g_rt.nthreads;
   for (Fiber& f : g_rt.fibers) f.state = State::kRunnable, f.started = false, f.copies.clear(), f.groups_committed = 0;
   for (auto& w : g_rt.warps) w.clear();
   g_rt.barrier_arrived = 0;
+  hazards_block_begin();
+  const bool warp_serial = is_warp_serial(g_rt.schedule);
   unsigned done = 0;
-  while (done < n && !g_rt.failed) {
-    // A round resumes every runnable fiber once, in schedule order; released fibers run in the next round.
-    if (g_rt.schedule == Schedule::kRandom)
-      for (unsigned i = n - 1; i > 0; --i) std::swap(g_rt.order[i], g_rt.order[splitmix64(rng) % (i + 1)]);
-    bool progressed = false;
-    for (unsigned idx : g_rt.order) {
-      Fiber& f = g_rt.fibers[idx];
-      if (f.state != State::kRunnable) continue;
-      resume(f);
-      progressed = true;
-      if (f.state == State::kDone) ++done;
-      if (g_rt.failed) break;
-    }
-    if (!progressed) fail(describe_stuck_block());
-  }
+  while (done < n && !g_rt.failed)
+    if (!(warp_serial ? run_interval(rng, done) : run_round(rng, done))) fail(describe_stuck_block());
   if (!g_rt.failed) return;
   g_rt.cancelling = true;  // unwind every suspended fiber so destructors on its stack run
   for (Fiber& f : g_rt.fibers)
@@ -357,6 +400,8 @@ void sync_threads() {
   f.state = State::kBarrier;
   if (++g_rt.barrier_arrived == g_rt.nthreads) {  // everyone is here (an exited thread never arrives)
     g_rt.barrier_arrived = 0;
+    ++g_rt.releases;
+    hazards_barrier();
     for (Fiber& g : g_rt.fibers) g.state = State::kRunnable;
   }
   yield();
@@ -396,8 +441,14 @@ void collective(unsigned mask, const void* tag, const void* in, void* out, Colle
 
 void trap() { throw std::runtime_error("__trap() called"); }
 
+void fail_running_thread(const std::string& what) {
+  const uint3 t = current_fiber("a hazard report").tid;
+  fail(block_name() + " thread " + fmt_dim(t.x, t.y, t.z) + ": " + what);
+}
+
 void cp_async(void* dst, const void* src, size_t bytes, bool zero_fill) {
   Fiber& f = current_fiber("cp.async");
+  hazards_async_issue(dst, bytes);
   f.copies.push_back(PendingCopy{dst, src, bytes, zero_fill, f.groups_committed});
 }
 void cp_async_commit() { ++current_fiber("cp.async.commit_group").groups_committed; }
@@ -409,11 +460,11 @@ void cp_async_wait(int pending_groups) {
   for (const PendingCopy& c : f.copies) {  // in issue order, like the hardware's per-thread queue
     if (static_cast<long>(c.group) >= limit) {
       f.copies[kept++] = c;
-    } else if (c.zero_fill) {
-      std::memset(c.dst, 0, c.bytes);
-    } else {
-      std::memcpy(c.dst, c.src, c.bytes);
+      continue;
     }
+    hazards_async_complete(c.dst, c.bytes);
+    if (c.zero_fill) std::memset(c.dst, 0, c.bytes);
+    else std::memcpy(c.dst, c.src, c.bytes);
   }
   f.copies.resize(kept);
 }
@@ -456,6 +507,16 @@ void set_schedule(Schedule schedule, uint64_t seed) {
   g_rt.schedule = schedule, g_rt.seed = seed, g_rt.schedule_set = true;
 }
 
+bool parse_schedule(const std::string& name, Schedule* schedule) {
+  static const std::pair<const char*, Schedule> kNames[] = {
+      {"forward", Schedule::kForward},           {"reverse", Schedule::kReverse},
+      {"random", Schedule::kRandom},             {"warp-forward", Schedule::kWarpForward},
+      {"warp-reverse", Schedule::kWarpReverse}, {"warp-random", Schedule::kWarpRandom}};
+  for (const auto& [n, s] : kNames)
+    if (name == n) return *schedule = s, true;
+  return false;
+}
+
 Schedule get_schedule(uint64_t* seed) {
   std::lock_guard<std::mutex> lock(g_rt.mutex);
   detail::resolve_schedule();
@@ -465,7 +526,8 @@ Schedule get_schedule(uint64_t* seed) {
 
 void* dynamic_smem() { return g_rt.smem; }
 
-void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, cudaStream_t, std::function<void()> body) {
+void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, cudaStream_t, std::function<void()> body,
+            const void* kernel) {
   if (detail::t_in_launch) throw std::runtime_error("cmpq::emu::launch is not reentrant (launch from inside a kernel?)");
   const uint64_t nthreads = uint64_t{block.x} * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
@@ -475,7 +537,10 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, cudaStream_t, std:
   std::lock_guard<std::mutex> lock(g_rt.mutex);
   struct InLaunch {
     InLaunch() { detail::t_in_launch = true; }
-    ~InLaunch() { detail::t_in_launch = false, g_rt.body = nullptr, g_rt.failed = false, g_rt.error.clear(); }
+    ~InLaunch() {
+      detail::hazards_launch_end();
+      detail::t_in_launch = false, g_rt.body = nullptr, g_rt.failed = false, g_rt.error.clear();
+    }
   } in_launch;
   detail::resolve_schedule();
 
@@ -492,6 +557,11 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, cudaStream_t, std:
     f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
     g_rt.order[i] = g_rt.schedule == Schedule::kReverse ? n - 1 - i : i;
   }
+  const bool descending = g_rt.schedule == Schedule::kWarpReverse;
+  g_rt.warp_order.resize(g_rt.warps.size());
+  for (unsigned w = 0; w < g_rt.warp_order.size(); ++w)
+    g_rt.warp_order[w] = descending ? static_cast<unsigned>(g_rt.warp_order.size()) - 1 - w : w;
+  for (unsigned l = 0; l < 32; ++l) g_rt.lane_order[l] = descending ? 31 - l : l;
   // Exactly the requested size (rounded to 16), so ASan sees an overrun past the end of dynamic smem.
   const size_t smem_alloc = (std::max<size_t>(dynamic_smem_bytes, 16) + 15) & ~size_t{15};
   if (smem_alloc != g_rt.smem_capacity) {
@@ -501,6 +571,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, cudaStream_t, std:
     if (!g_rt.smem) throw std::runtime_error("cmpq::emu::launch: out of memory for dynamic shared memory");
   }
   g_rt.body = &body;
+  detail::hazards_launch_begin(kernel, g_rt.smem, smem_alloc);
   detail::g_builtins.block_dim = block;
   detail::g_builtins.grid_dim = grid;
   uint64_t rng = g_rt.seed;  // each launch replays the same random order: failures are reproducible

@@ -8,8 +8,12 @@
 //   * One fiber per CUDA thread of a block; blocks run one after another (x fastest, then y, then z), so
 //     `__shared__` (defined as `static`) is shared by exactly the fibers of the running block.
 //   * A fiber runs until a switch point (__syncthreads, a warp collective) and then yields; the scheduler
-//     resumes the runnable fibers in the selected order (forward / reverse / a fresh random permutation per
-//     round). Forward order hides a missing __syncthreads, reverse and random expose it.
+//     resumes the runnable fibers in the selected order (Schedule below). Lane-level orders resume every
+//     runnable fiber once per round, so all warps advance in lockstep: forward order hides a missing
+//     __syncthreads between threads, reverse and random expose it. Warp-serial orders run one warp at a
+//     time from one __syncthreads to the next, so a missing barrier between warps changes results.
+//   * Shared-memory hazard checking (set_hazard_check, hazards.cpp) reports accesses of two warps to one
+//     shared byte that no __syncthreads orders, whatever the schedule.
 //   * Warp collectives (shuffles, ballot, __syncwarp, emulated mma/ldmatrix) share ONE primitive,
 //     warp_collective(): every lane in `mask` deposits its input and blocks; the last arrival computes all
 //     outputs at once; lanes read theirs. Lane = linear thread index % 32, warp = linear / 32, where
@@ -17,7 +21,7 @@
 //   * Deadlocks (a barrier or collective that cannot complete because a thread exited or waits elsewhere)
 //     and exceptions thrown by kernel code (e.g. __trap) end the launch: the stuck fibers are unwound and
 //     launch() throws std::runtime_error naming the block and what every thread was doing.
-//   * Random order is a fresh permutation per round from CMPQ_EMU_SCHEDULE=random:<seed> (default 0),
+//   * Random orders come from a seed (CMPQ_EMU_SCHEDULE=random:<seed> or warp-random:<seed>, default 0)
 //     restarted at every launch, so a failing order replays exactly.
 //   * cp.async (csrc/cuda/ptx.cuh) is deferred per thread until cp_async_wait retires its group, so a
 //     missing or too-shallow wait reads the 0xFF poison of dynamic shared memory.
@@ -25,14 +29,19 @@
 //     0x7fff). Intentionally there are no implicit float conversions or operators on __half: torch builds
 //     CUDA code with __CUDA_NO_HALF_OPERATORS__/__CUDA_NO_HALF_CONVERSIONS__, so kernels must use intrinsics.
 //
-// Build: g++ -std=c++17 with emu.cpp; add -Wno-unknown-pragmas under -Wall (kernels' `#pragma unroll`; a
-// #pragma GCC diagnostic in this header cannot silence it before GCC 13).
+// Build: g++ -std=c++17 with emu.cpp and hazards.cpp; add -Wno-unknown-pragmas under -Wall (kernels'
+// `#pragma unroll`; a #pragma GCC diagnostic in this header cannot silence it before GCC 13). Compile the
+// translation unit that includes the kernels with -fsanitize=thread (and link without it): hazards.cpp
+// provides the memory-access hooks that flag calls, and must be linked into the same module as the kernels.
 //
 // Limits: launch() is neither reentrant nor concurrent — a mutex serializes host threads (torch may call
 // from several), a launch from inside a kernel throws. Fibers share the launching thread's floating-point
 // environment: MXCSR and the x87 control word are neither saved nor restored on a switch (kernels do not
 // change rounding modes, and every fiber starts from the launching thread's settings). Static __shared__
-// memory keeps its contents across blocks; only dynamic shared memory is re-poisoned (0xFF) per block.
+// memory keeps its contents across blocks; only dynamic shared memory is re-poisoned (0xFF) per block. The
+// hazard checker sees only code compiled with -fsanitize=thread, checks shared memory between warps of a
+// block (not global memory, not lanes of one warp), and names static arrays only when their symbols are
+// exported (templates' static locals in a shared library; -rdynamic for an executable).
 #pragma once
 
 #if defined(__CUDACC__)
@@ -45,6 +54,7 @@
 #include <cstring>
 #include <functional>
 #include <stdexcept>
+#include <string>
 
 #define CMPQ_EMU 1
 
@@ -103,15 +113,31 @@ constexpr int warpSize = 32;
 namespace cmpq {
 namespace emu {
 
-enum class Schedule { kForward, kReverse, kRandom };
-// Fiber order for later launches. Without a call, the first launch reads CMPQ_EMU_SCHEDULE
-// (forward | reverse | random | random:<seed>), default forward.
+// Fiber order within a block.
+//   Lane-level: a round resumes every runnable fiber once — kForward by ascending thread, kReverse
+//   descending, kRandom in a fresh permutation per round. Catches ordering bugs between threads that meet
+//   at the same switch points (within a warp, or a barrier missing where every warp yields anyway).
+//   Warp-serial: each warp runs alone from one block-wide barrier to the next (its lanes still meet at
+//   their collectives); warps in ascending order (kWarpForward), descending with lanes descending too
+//   (kWarpReverse), or in a fresh permutation per barrier interval (kWarpRandom). A warp then finishes a
+//   whole barrier interval before the next one starts it, so any cross-warp hazard changes the result.
+enum class Schedule { kForward, kReverse, kRandom, kWarpForward, kWarpReverse, kWarpRandom };
+// Schedule for later launches. Without a call, the first launch reads CMPQ_EMU_SCHEDULE (a name below;
+// random ones may add :<seed>), default forward.
 void set_schedule(Schedule schedule, uint64_t seed = 0);
 Schedule get_schedule(uint64_t* seed = nullptr);
+// Schedule by name: forward, reverse, random, warp-forward, warp-reverse, warp-random. False if unknown.
+bool parse_schedule(const std::string& name, Schedule* schedule);
+constexpr const char* kScheduleNames = "forward, reverse, random, warp-forward, warp-reverse or warp-random";
+
+// Shared-memory hazard checking for later launches (default off: it costs time; see hazards.cpp).
+void set_hazard_check(bool on);
 
 // Runs body once per thread of every block. Not reentrant; host threads are serialized by a mutex.
-// Throws std::runtime_error on invalid dimensions, deadlock, or an exception escaping the kernel.
-void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, cudaStream_t stream, std::function<void()> body);
+// Throws std::runtime_error on invalid dimensions, deadlock, a shared-memory hazard, or an exception
+// escaping the kernel. `kernel` (the __global__ function) only names the kernel in hazard reports.
+void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, cudaStream_t stream, std::function<void()> body,
+            const void* kernel);
 // The running block's dynamic shared memory: 16-byte aligned, filled with 0xFF before each block.
 void* dynamic_smem();
 

@@ -1,14 +1,17 @@
 // selftest.cpp — checks the SIMT emulation (csrc/emu) and the emulated PTX twins (csrc/cuda/ptx.cuh)
 // against straightforward references. Kernels here are written exactly as in a .cu file.
 //
-//   g++ -O2 -std=c++17 -Icsrc csrc/emu/selftest.cpp csrc/emu/emu.cpp -o selftest
-//   CMPQ_EMU_SCHEDULE=forward|reverse|random ./selftest      (exit status 0 = every check passed)
+//   g++ -O2 -std=c++17 -Icsrc -fsanitize=thread -c csrc/emu/selftest.cpp          (the kernels: instrumented)
+//   g++ -O2 -std=c++17 -Icsrc -rdynamic selftest.o csrc/emu/emu.cpp csrc/emu/hazards.cpp -o selftest
+//   CMPQ_EMU_SCHEDULE=<schedule> ./selftest      (exit status 0 = every check passed)
 //
-// python_tests/test_emu.py builds and runs it in all three schedules.
+// -rdynamic exports the race kernels' symbols, so hazard reports can name them. python_tests/test_emu.py
+// builds it and runs it in every schedule.
 #include "cuda/compat.cuh"
 #include "cuda/ptx.cuh"
 
 #include <chrono>
+#include <functional>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -16,6 +19,102 @@
 #include <vector>
 
 using cmpq::emu::Schedule;
+
+// ================================ shared-memory races ====================================================
+// Two warps each (64 threads); `sync` restores the barrier the race is about. Templates in a named namespace:
+// their static locals are exported symbols (with -rdynamic), so hazard reports can name them.
+namespace races {
+
+// Read-after-write: warp 1 produces, warp 0 consumes.
+template <int kLanes>
+__global__ void produce_consume(int* out, bool sync) {
+  __shared__ int box[kLanes];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp == 1) box[lane] = 100 + lane;
+  if (sync) __syncthreads();
+  if (warp == 0) out[lane] = box[lane];
+}
+
+// Write-after-read: warp 0 reads what it staged, then warp 1 overwrites it (dynamic shared memory).
+template <int kLanes>
+__global__ void read_then_overwrite(int* out, bool sync) {
+  CMPQ_DYNAMIC_SMEM(int, box);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp == 0) box[lane] = lane;
+  __syncthreads();
+  if (warp == 0) out[lane] = box[lane];
+  if (sync) __syncthreads();
+  if (warp == 1) box[lane] = -1;
+}
+
+// Write-after-write: both warps write every word; warp 1's value must win.
+template <int kLanes>
+__global__ void both_write(int* out, bool sync) {
+  __shared__ int box[kLanes];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp == 0) box[lane] = 0;
+  if (sync) __syncthreads();
+  if (warp == 1) box[lane] = 1;
+  __syncthreads();
+  out[threadIdx.x] = box[lane];
+}
+
+// Wide accesses count every byte: a 16-byte store of warp 0 into row 5 against warp 1's ldmatrix of all 32
+// rows (16 bytes each).
+template <int kRows>
+__global__ void wide_accesses(uint32_t* out, bool sync) {
+  __shared__ uint4 tile[kRows];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp == 0 && lane == 0) tile[5] = make_uint4(1, 2, 3, 4);
+  if (sync) __syncthreads();
+  if (warp == 1) {
+    uint32_t r[4];
+    cmpq::ptx::ldmatrix_x4(r, &tile[lane]);
+    out[lane] = r[0] ^ r[1] ^ r[2] ^ r[3];
+  }
+}
+
+// A cp.async's bytes may not be read before the wait that completes it; threads read another warp's copy.
+template <int kThreads>
+__global__ void early_read(const uint4* src, uint4* out, bool wait_first) {
+  CMPQ_DYNAMIC_SMEM(uint4, slot);
+  const unsigned t = threadIdx.x;
+  cmpq::ptx::cp_async_16(&slot[t], &src[t]);
+  cmpq::ptx::cp_async_commit();
+  if (wait_first) cmpq::ptx::cp_async_wait<0>();
+  __syncthreads();
+  out[t] = slot[(t + 32) % kThreads];
+  cmpq::ptx::cp_async_wait<0>();
+}
+
+// The bug warp-serial schedules exist for: each step, every warp reads another warp's slot and meets its
+// lanes at a shuffle; the next step overwrites the slots. Lane-level schedules keep warps in lockstep, so
+// all reads of a step happen before any overwrite and a missing end-of-step barrier changes nothing.
+template <int kThreads>
+__global__ void ring(int steps, int* out, bool end_barrier) {
+  __shared__ int slot[kThreads];
+  const int t = threadIdx.x;
+  int acc = 0;
+  for (int k = 0; k < steps; ++k) {
+    slot[t] = k * kThreads + t;
+    __syncthreads();
+    acc += __shfl_xor_sync(0xffffffffu, slot[(t + 32) % kThreads], 1);
+    if (end_barrier) __syncthreads();
+  }
+  out[t] = acc;
+}
+
+// Not a race: lanes of one warp exchange through shared memory, ordered by __syncwarp.
+template <int kThreads>
+__global__ void lane_exchange(int* out) {
+  __shared__ int box[kThreads];
+  const int t = threadIdx.x;
+  box[t] = t;
+  __syncwarp();
+  out[t] = box[t ^ 1];
+}
+
+}  // namespace races
 
 namespace {
 
@@ -34,8 +133,11 @@ int g_checks = 0, g_failures = 0;
 
 Schedule g_base = Schedule::kForward;  // the schedule chosen by CMPQ_EMU_SCHEDULE for this run
 uint64_t g_base_seed = 0;
-const char* name(Schedule s) { return s == Schedule::kForward ? "forward" : s == Schedule::kReverse ? "reverse" : "random"; }
-const Schedule kAll[] = {Schedule::kForward, Schedule::kReverse, Schedule::kRandom};
+const Schedule kAll[] = {Schedule::kForward,     Schedule::kReverse,     Schedule::kRandom,
+                         Schedule::kWarpForward, Schedule::kWarpReverse, Schedule::kWarpRandom};
+const char* const kNames[] = {"forward", "reverse", "random", "warp-forward", "warp-reverse", "warp-random"};
+const char* name(Schedule s) { return kNames[static_cast<int>(s)]; }
+bool warp_serial(Schedule s) { return static_cast<int>(s) >= static_cast<int>(Schedule::kWarpForward); }
 void restore_schedule() { cmpq::emu::set_schedule(g_base, g_base_seed); }
 
 // Runs f and returns the message of the std::runtime_error it throws ("" when it does not throw).
@@ -642,6 +744,111 @@ void test_cp_async() {
   }
 }
 
+void test_warp_serial() {
+  const int n = 64, steps = 4;
+  std::vector<int> out(n);
+  int* p = out.data();
+  auto* kernel = races::ring<n>;
+  auto wrong = [&](Schedule s, bool end_barrier) {
+    cmpq::emu::set_schedule(s, 9);
+    CMPQ_LAUNCH(kernel, dim3(1), dim3(n), 0, nullptr, steps, p, end_barrier);
+    int bad = 0;
+    for (int t = 0; t < n; ++t) {
+      int want = 0;  // lane t ^ 1 read the slot 32 threads on from it, in every step
+      for (int k = 0; k < steps; ++k) want += k * n + ((t ^ 1) + 32) % n;
+      bad += out[t] != want;
+    }
+    return bad;
+  };
+  for (Schedule s : kAll) {
+    CHECK(wrong(s, true) == 0, "ring with its end-of-step barrier, %s order must be right", name(s));
+    const int bad = wrong(s, false);
+    if (warp_serial(s)) CHECK(bad > 0, "%s order must expose the missing end-of-step barrier", name(s));
+    else CHECK(bad == 0, "lane-level %s order keeps warps in lockstep: no wrong output (%d)", name(s), bad);
+    std::printf("%s missing end-of-step barrier: %d of %d outputs wrong\n", name(s), bad, n);
+  }
+  restore_schedule();
+}
+
+// Runs launch() with hazard checking on, in schedule s; returns its error ("" when clean).
+template <class F>
+std::string checked(Schedule s, F launch) {
+  cmpq::emu::set_schedule(s, 5);
+  cmpq::emu::set_hazard_check(true);
+  const std::string e = error_of(launch);
+  cmpq::emu::set_hazard_check(false);
+  return e;
+}
+
+struct Race {
+  const char* kernel;                // as reports name it
+  Schedule order;                    // in this schedule the report must read:
+  std::vector<const char*> report;   //   these parts
+  std::function<void(bool)> launch;  // runs the kernel with (true) or without (false) its barrier
+};
+
+void test_hazards() {
+  std::vector<int> out(64);
+  std::vector<uint32_t> out32(32);
+  std::vector<uint4> src(64), out4(64);
+  int* p = out.data();
+  uint32_t* p32 = out32.data();
+  const uint4* ps = src.data();
+  uint4* p4 = out4.data();
+  auto* produce_consume = races::produce_consume<32>;
+  auto* read_then_overwrite = races::read_then_overwrite<32>;
+  auto* both_write = races::both_write<32>;
+  auto* wide_accesses = races::wide_accesses<32>;
+  auto* early_read = races::early_read<64>;
+  auto* ring = races::ring<64>;
+  const Race races[] = {
+      {"races::produce_consume<32>", Schedule::kWarpReverse,
+       {"read-after-write: warp 0 reads what warp 1 wrote", "races::produce_consume<32>::box + "},
+       [&](bool sync) { CMPQ_LAUNCH(produce_consume, dim3(1), dim3(64), 0, nullptr, p, sync); }},
+      {"races::read_then_overwrite<32>", Schedule::kWarpForward,
+       {"write-after-read: warp 1 overwrites what warp 0 read", "barrier epoch 1 of the block, after its __syncthreads #1",
+        "at dynamic shared memory + 0;"},
+       [&](bool sync) { CMPQ_LAUNCH(read_then_overwrite, dim3(1), dim3(64), 32 * sizeof(int), nullptr, p, sync); }},
+      {"races::both_write<32>", Schedule::kForward,
+       {"write-after-write: warp 1 overwrites what warp 0 wrote", "barrier epoch 0 of the block, before its first __syncthreads",
+        "at races::both_write<32>::box + 0;"},
+       [&](bool sync) { CMPQ_LAUNCH(both_write, dim3(1), dim3(64), 0, nullptr, p, sync); }},
+      {"races::wide_accesses<32>", Schedule::kWarpReverse,
+       {"write-after-read: warp 0 overwrites what warp 1 read", "at races::wide_accesses<32>::tile + 80;",
+        "the access: a write of"},  // the compiler may split the 16-byte store
+       [&](bool sync) { CMPQ_LAUNCH(wide_accesses, dim3(1), dim3(64), 0, nullptr, p32, sync); }},
+      {"races::wide_accesses<32>", Schedule::kWarpForward,
+       {"read-after-write: warp 1 reads what warp 0 wrote", "a read of 2 bytes at races::wide_accesses<32>::tile + 80"},
+       [&](bool sync) { CMPQ_LAUNCH(wide_accesses, dim3(1), dim3(64), 0, nullptr, p32, sync); }},
+      {"races::early_read<64>", Schedule::kForward,
+       {"cp.async in flight: warp 0 touches what a cp.async of warp 1 may still write", "dynamic shared memory + 512;"},
+       [&](bool wait_first) { CMPQ_LAUNCH(early_read, dim3(1), dim3(64), 64 * sizeof(uint4), nullptr, ps, p4, wait_first); }},
+      {"races::ring<64>", Schedule::kForward,  // lockstep: the values come out right, the hazard is still reported
+       {"write-after-read: warp 0 overwrites what warp 1 read", "barrier epoch 1 of the block, after its __syncthreads #1",
+        "at races::ring<64>::slot + 0;"},
+       [&](bool sync) { CMPQ_LAUNCH(ring, dim3(1), dim3(64), 0, nullptr, 3, p, sync); }},
+  };
+  for (const Race& race : races) {
+    for (Schedule s : kAll) {
+      const std::string e = checked(s, [&] { race.launch(false); });
+      CHECK(has(e, "shared-memory hazard in ") && has(e, race.kernel), "%s, %s order: '%s'", race.kernel, name(s), e.c_str());
+      CHECK(checked(s, [&] { race.launch(true); }).empty(), "%s with its barrier, %s order: reported", race.kernel, name(s));
+    }
+    const std::string e = checked(race.order, [&] { race.launch(false); });
+    for (const char* part : race.report) CHECK(has(e, part), "%s, %s order: '%s' lacks '%s'", race.kernel, name(race.order), e.c_str(), part);
+  }
+  std::printf("hazard report:\n%s\n", checked(Schedule::kWarpReverse, [&] { races[3].launch(false); }).c_str());
+
+  auto* lane_exchange = races::lane_exchange<64>;
+  for (Schedule s : kAll) {
+    CHECK(checked(s, [&] { CMPQ_LAUNCH(lane_exchange, dim3(1), dim3(64), 0, nullptr, p); }).empty(),
+          "lanes ordered by __syncwarp, %s order: reported", name(s));
+    for (int t = 0; t < 64; ++t) CHECK(out[t] == (t ^ 1), "lane exchange thread %d: %d", t, out[t]);
+  }
+  CHECK(error_of([&] { races[0].launch(false); }).empty(), "hazard checking is off by default");
+  restore_schedule();
+}
+
 void test_concurrent_hosts() {
   // Two host threads launching at once are serialized by the launch mutex and both get correct results.
   bool ok[2] = {true, true};
@@ -695,7 +902,8 @@ int main() {
       {"shuffles", test_shuffles_and_votes}, {"bits", test_bits},
       {"half", test_half},               {"mma_f16", check_mma<false>},
       {"mma_bf16", check_mma<true>},     {"ldmatrix", test_ldmatrix},
-      {"cp_async", test_cp_async},       {"concurrent", test_concurrent_hosts},
+      {"cp_async", test_cp_async},       {"warp_serial", test_warp_serial},
+      {"hazards", test_hazards},         {"concurrent", test_concurrent_hosts},
       {"timing", report_timing}};
   for (const auto& t : tests) {
     const int before = g_failures;
