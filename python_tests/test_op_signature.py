@@ -5,7 +5,7 @@ import torch
 
 import cmpq_kernels  # noqa: F401  (registers torch.ops.cmpq)
 import cmpq_kernels._C_emu  # noqa: F401  (registers torch.ops.cmpq_emu)
-from cmpq_kernels.nn import LAYER_FIELDS
+from cmpq_kernels.format import LAYER_FIELDS
 
 
 def test_layer_fields_is_the_python_field_order():
