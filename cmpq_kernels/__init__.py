@@ -27,16 +27,18 @@ __all__ = ["CMPQLayer", "CMPQLinear", "FORMAT_VERSION", "QuantOptions", "QuantRe
            "ops", "quantize_linear", "quantize_model", "save_quantized"]
 
 
-def backends() -> dict[str, str | bool]:
+def backends() -> dict[str, str | bool | list[str]]:
     """Which kernel backends this process can use.
 
-    Returns a dict: ``cpu`` (always True), ``cpu_isa`` (``"avx2"`` or ``"scalar"``), ``cuda_built``
+    Returns a dict: ``cpu`` (always True), ``cpu_isa`` (what the CPU kernels use now: ``"avx512"``, ``"avx2"``
+    or ``"scalar"``; ``CMPQ_CPU_SIMD`` forces one), ``cpu_isas`` (every ISA this CPU runs), ``cuda_built``
     (the CUDA extension was compiled), ``cuda`` (built *and* a GPU is visible).
     """
     cuda_built = _C_cuda is not None
     return {
         "cpu": True,
         "cpu_isa": torch.ops.cmpq.cpu_isa(),
+        "cpu_isas": list(torch.ops.cmpq.cpu_isas()),
         "cuda_built": cuda_built,
         "cuda": cuda_built and torch.cuda.is_available(),
     }

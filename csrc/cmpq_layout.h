@@ -202,9 +202,11 @@ struct LayerView {
   CMPQ_HD const uint32_t* group_words(int s, int row, int g) const {
     return row_codes(s, row) + (g - group_begin(s)) * segment_bits(s);
   }
-  CMPQ_HD const uint16_t* row_codebook(int s, int row) const {
-    return codebook[s] + static_cast<int64_t>(row / codebook_rows) * (1 << segment_bits(s));
+  // Codebook row cb_row of segment s; output row `row` uses codebook row row / codebook_rows.
+  CMPQ_HD const uint16_t* codebook_row(int s, int cb_row) const {
+    return codebook[s] + static_cast<int64_t>(cb_row) * (1 << segment_bits(s));
   }
+  CMPQ_HD const uint16_t* row_codebook(int s, int row) const { return codebook_row(s, row / codebook_rows); }
   // fp16 bits of the codebook value at packed column j of row (the dense part, without outliers).
   CMPQ_HD uint16_t dense_value_bits(int row, int j) const {
     const int g = j / kGroupCodes;

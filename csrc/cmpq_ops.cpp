@@ -24,12 +24,20 @@ constexpr int64_t kCpuDirectMaxM = 16;
 // Rows decoded per BLAS call in the large-batch path: bounds the float workspace to a few MiB.
 constexpr int64_t kDecodeBlockRows = 256;
 
+// CMPQ_CPU_SIMD picks the CPU kernels' instruction set, read on every call: unset, "", "auto" or "1" = the
+// best this CPU runs; "scalar" (or "0"), "avx2", "avx512" force one (tests run every path; it also helps
+// bisect a suspected SIMD bug). A name this CPU cannot run is an error, never a silent fallback.
 cpu::Isa cpu_isa_for_call() {
-  // CMPQ_CPU_SIMD=0 forces the scalar path (tests run both; it also helps bisect a suspected SIMD bug).
-  const char* env = getenv("CMPQ_CPU_SIMD");
-  if (env != nullptr && strcmp(env, "0") == 0) return cpu::Isa::kScalar;
   static const cpu::Isa best = cpu::best_isa();
-  return best;
+  const char* env = getenv("CMPQ_CPU_SIMD");
+  if (env == nullptr || *env == '\0' || strcmp(env, "auto") == 0 || strcmp(env, "1") == 0) return best;
+  if (strcmp(env, "0") == 0) return cpu::Isa::kScalar;
+  cpu::Isa isa;
+  TORCH_CHECK_VALUE(cpu::isa_from_name(env, &isa), "CMPQ_CPU_SIMD='", env,
+                    "' is not one of auto, scalar (or 0), avx2, avx512");
+  TORCH_CHECK_VALUE(cpu::supports(isa), "CMPQ_CPU_SIMD=", env, " but this CPU cannot run ", env,
+                    "; it runs ", cpu::isa_name(best));
+  return isa;
 }
 
 // Decodes blocks of rows to float and multiplies them with BLAS: exact up to summation order, and fast
@@ -101,6 +109,13 @@ at::Tensor unpack_codes_cpu(const at::Tensor& words, int64_t bits) {
 
 std::string cpu_isa() { return cpu::isa_name(cpu_isa_for_call()); }
 
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512})
+    if (cpu::supports(isa)) names.push_back(cpu::isa_name(isa));
+  return names;
+}
+
 std::vector<std::string> layer_fields() {
 #define CMPQ_NAME(name) #name,
   return {CMPQ_LAYER_TENSORS(CMPQ_NAME)};
@@ -117,8 +132,10 @@ TORCH_LIBRARY(cmpq, m) {
   m.def("layer_fields() -> str[]", &cmpq::layer_fields);
   // uint8 codes [rows, groups * 32] from packed int32 words [rows, groups * bits] (layout tests).
   m.def("unpack_codes(Tensor words, int bits) -> Tensor");
-  // Instruction set the CPU kernel uses in this process ("avx2" or "scalar").
+  // Instruction set the CPU kernels use for the next call ("avx512", "avx2" or "scalar"; CMPQ_CPU_SIMD).
   m.def("cpu_isa() -> str", &cmpq::cpu_isa);
+  // Every instruction set this CPU can run, scalar first.
+  m.def("cpu_isas() -> str[]", &cmpq::cpu_isas);
 }
 
 TORCH_LIBRARY_IMPL(cmpq, CPU, m) {

@@ -127,17 +127,14 @@ def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, layer: CMPQLayer,
         f"{int(bad.sum())} of {bad.numel()} elements out of bound, first at {bad.nonzero()[0].tolist()}")
 
 
-@pytest.fixture(params=["scalar", "avx2"])
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
 def cpu_isa(request, monkeypatch) -> str:
-    """Run the test once per CPU kernel ISA; CMPQ_CPU_SIMD is read by the op on every call."""
-    if request.param == "scalar":
-        monkeypatch.setenv("CMPQ_CPU_SIMD", "0")
-    else:
-        monkeypatch.delenv("CMPQ_CPU_SIMD", raising=False)
-    isa = torch.ops.cmpq.cpu_isa()
-    if isa != request.param:
-        pytest.skip(f"this CPU runs the {isa} kernel only")
-    return isa
+    """Run the test once per CPU kernel ISA this CPU runs; CMPQ_CPU_SIMD is read by the op on every call."""
+    if request.param not in torch.ops.cmpq.cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv("CMPQ_CPU_SIMD", request.param)
+    assert torch.ops.cmpq.cpu_isa() == request.param
+    return request.param
 
 
 def import_bench(name: str) -> ModuleType:

@@ -1,7 +1,8 @@
-"""CPU ``cmpq.gemm`` / ``cmpq.dequantize`` against the float64 reference, on both ISA paths.
+"""CPU ``cmpq.gemm`` / ``cmpq.dequantize`` against the float64 reference, on every ISA path.
 
-M <= 16 runs the direct fused kernel (scalar or AVX2, chosen by CMPQ_CPU_SIMD via the ``cpu_isa``
-fixture); M > 16 decodes blocks of 256 weight rows and calls BLAS, so shapes straddle both.
+M <= 16 runs the direct fused kernel (scalar, AVX2 or AVX-512, chosen by CMPQ_CPU_SIMD via the ``cpu_isa``
+fixture; tiles of 8 activation rows for scalar/AVX2, 16 for AVX-512); M > 16 decodes blocks of 256 weight
+rows with the same ISA and calls BLAS, so shapes straddle both.
 """
 from __future__ import annotations
 
@@ -121,15 +122,46 @@ def test_gemm_random_configurations(case, dtype, cpu_isa):
     check_case(case, dtype)
 
 
-def test_simd_switch_reaches_the_kernel(monkeypatch):
-    """CMPQ_CPU_SIMD=0 really changes the kernel: scalar and AVX2 sum in different orders, so for a long
-    row some outputs differ in the last bits (both stay within tolerance, checked elsewhere)."""
-    if torch.ops.cmpq.cpu_isa() != "avx2":
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_isa_paths_agree_and_the_switch_reaches_the_kernel(m, monkeypatch):
+    """Every ISA computes the same products in a different summation order: outputs agree to rounding, and
+    for a long row some differ in the last bits, which proves CMPQ_CPU_SIMD really changes the kernel."""
+    isas = torch.ops.cmpq.cpu_isas()
+    if len(isas) == 1:
         pytest.skip("only one CPU kernel on this machine")
-    layer, x = layer_for(Case(4, 301, 1024)), random_x(4, 1024)
-    avx2 = ops.gemm(x, layer)
-    monkeypatch.setenv("CMPQ_CPU_SIMD", "0")
-    assert not torch.equal(ops.gemm(x, layer), avx2)
+    layer, x = layer_for(Case(m, 301, 1024)), random_x(m, 1024)
+    outputs = {}
+    for isa in isas:
+        monkeypatch.setenv("CMPQ_CPU_SIMD", isa)
+        outputs[isa] = ops.gemm(x, layer)
+    for isa, y in outputs.items():
+        err = float((y - outputs["scalar"]).norm() / outputs["scalar"].norm())
+        assert err < 1e-6, f"{isa} vs scalar: norm-relative difference {err:.3g}"
+        assert isa == "scalar" or not torch.equal(y, outputs["scalar"]), f"{isa} ran the scalar kernel"
+
+
+@pytest.mark.parametrize("value,message", [("bogus", "is not one of"), ("AVX2", "is not one of"),
+                                           ("neon", "is not one of")])
+def test_unknown_simd_name_is_an_error(value, message, monkeypatch):
+    layer, x = layer_for(Case(1, 3, 64)), random_x(1, 64)
+    monkeypatch.setenv("CMPQ_CPU_SIMD", value)
+    with pytest.raises(ValueError, match=message):
+        ops.gemm(x, layer)
+
+
+def test_simd_name_this_cpu_cannot_run_is_an_error(monkeypatch):
+    missing = [isa for isa in ("avx2", "avx512") if isa not in torch.ops.cmpq.cpu_isas()]
+    if not missing:
+        pytest.skip("this CPU runs every ISA")
+    monkeypatch.setenv("CMPQ_CPU_SIMD", missing[-1])
+    with pytest.raises(ValueError, match="this CPU cannot run"):
+        ops.gemm(random_x(1, 64), layer_for(Case(1, 3, 64)))
+
+
+@pytest.mark.parametrize("value", ["", "auto", "1"])
+def test_simd_auto_picks_the_best_isa(value, monkeypatch):
+    monkeypatch.setenv("CMPQ_CPU_SIMD", value)
+    assert torch.ops.cmpq.cpu_isa() == torch.ops.cmpq.cpu_isas()[-1]
 
 
 # ---- segment mixes: each width alone, all three, one segment empty each way -------------------------
@@ -307,7 +339,7 @@ DEQUANT_CASES = [Case(0, 37, 192, seg_k=mix, density=0.05) for mix in SEGMENT_MI
 
 
 @pytest.mark.parametrize("case", DEQUANT_CASES, ids=str)
-def test_dequantize_matches_reference_exactly(case):
+def test_dequantize_matches_reference_exactly(case, cpu_isa):
     layer = layer_for(case)
     w = ops.dequantize(layer)
     assert w.dtype == torch.float32 and w.shape == (layer.n, layer.k)

@@ -1,0 +1,141 @@
+"""End-to-end CPU generation speed per CMPQ kernel ISA, and where the time of a generated token goes.
+
+Per ``--model`` (the offline GGUF models of docs/DESIGN.md §5):
+    * FP32: the model as loaded; greedy generation of ``--new-tokens`` tokens after ``--prompt`` with the KV
+      cache (``cmpq_kernels.generation.generate``, as ``cmpq generate`` runs it), ``--reps`` runs after a
+      warm-up, median tokens/s after the first token (``decode tok/s``: batch 1, one token per step).
+    * CMPQ: every linear of the decoder blocks replaced by a stand-in-quantized layer at ``--bits``
+      (``quantize_linear`` without calibration inputs). Kernel time depends on the stored tensors (widths,
+      shapes, outlier count), not on their values, so this times what a calibrated checkpoint of the same
+      bits runs; the embeddings and the tied ``lm_head`` stay FP32, as in ``quantize_model``. Generation is
+      timed once per CPU kernel ISA (``CMPQ_CPU_SIMD``): AVX2 was the kernel before the AVX-512 path.
+    * Profile: one more generation per ISA under ``torch.profiler`` (CPU): the share of self CPU time in
+      ``cmpq::gemm`` (the CMPQ layers), ``aten::linear``/``aten::addmm``/``aten::mm`` (the FP32 lm_head) and
+      everything else (attention, norms, sampling, Python), plus the top operators.
+
+Output: a table on stdout, ``<out>.json`` and ``<out>.md`` (default ``bench/results/cpu_profile``). Run it
+alone (CPU timings are distorted by other load). Example:
+``python bench/cpu_profile.py --model smollm2-135m gemma3-270m --bits 3``
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+import cmpq_kernels
+from bench_common import markdown_table, write_json_and_markdown
+from cmpq_kernels.generation import generate
+from cmpq_kernels.models import load_gguf_model
+from cmpq_kernels.quantize import quantize_linear
+from cmpq_kernels.quantize.calibrate import find_blocks, linear_layers
+from cmpq_kernels.surgery import quantized_modules, replace_module
+
+DEFAULT_OUT = BENCH / "results" / "cpu_profile"
+LM_HEAD_OPS = ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul")
+
+
+def decode_tokens_per_s(model, tokenizer, args: argparse.Namespace) -> float:
+    generate(model, tokenizer, args.prompt, 4, echo=False)  # warm-up
+    runs = [generate(model, tokenizer, args.prompt, args.new_tokens, echo=False) for _ in range(args.reps)]
+    return statistics.median(r["decode_tokens_per_s"] for r in runs)
+
+
+def time_shares(model, tokenizer, args: argparse.Namespace) -> dict:
+    """Self CPU time by operator over one generation: shares of CMPQ layers, FP32 matmuls, the rest."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, tokenizer, args.prompt, args.new_tokens, echo=False)
+    by_op: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        by_op[event.key] += event.self_cpu_time_total
+    total = sum(by_op.values())
+    cmpq = sum(t for op, t in by_op.items() if op.startswith("cmpq::"))
+    dense = sum(by_op[op] for op in LM_HEAD_OPS if op in by_op)
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
+    return {"cmpq_share": cmpq / total, "fp32_matmul_share": dense / total, "rest_share": 1 - (cmpq + dense) / total,
+            "top_ops": [{"op": op, "share": t / total} for op, t in top]}
+
+
+def quantize_blocks(model: torch.nn.Module, bits: float) -> int:
+    path, blocks = find_blocks(model)
+    for name, linear in linear_layers(blocks, f"{path}.").items():
+        replace_module(model, name, quantize_linear(linear, bits))
+    return len(quantized_modules(model))
+
+
+def run_model(name: str, args: argparse.Namespace) -> list[dict]:
+    model, tokenizer = load_gguf_model(name)
+    model.eval()
+    rows = []
+    with torch.inference_mode():
+        fp32 = decode_tokens_per_s(model, tokenizer, args)
+        rows.append({"model": name, "weights": "fp32", "isa": None, "decode_tokens_per_s": fp32,
+                     **time_shares(model, tokenizer, args)})
+        print(f"  {name} fp32: {fp32:.1f} tok/s", flush=True)
+        layers = quantize_blocks(model, args.bits)
+        saved = os.environ.get("CMPQ_CPU_SIMD")
+        try:
+            for isa in args.isas:
+                os.environ["CMPQ_CPU_SIMD"] = isa
+                speed = decode_tokens_per_s(model, tokenizer, args)
+                rows.append({"model": name, "weights": f"cmpq {args.bits:g} bits ({layers} layers)", "isa": isa,
+                             "decode_tokens_per_s": speed, **time_shares(model, tokenizer, args)})
+                print(f"  {name} cmpq {isa}: {speed:.1f} tok/s", flush=True)
+        finally:
+            os.environ.pop("CMPQ_CPU_SIMD", None) if saved is None else os.environ.update(CMPQ_CPU_SIMD=saved)
+    for row in rows:
+        row["vs_fp32"] = row["decode_tokens_per_s"] / fp32
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    head = (f"CPU: {meta['cpu_model']}, {meta['threads']} threads, torch {meta['torch']}, {meta['date']}; greedy, "
+            f"{meta['new_tokens']} new tokens after {meta['prompt']!r}, median of {meta['reps']}; shares = self CPU "
+            "time of one profiled generation.\n\n")
+    header = ("model", "weights", "ISA", "decode tok/s", "vs fp32", "CMPQ layers", "FP32 matmuls", "rest",
+              "top ops")
+    cells = [(r["model"], r["weights"], r["isa"] or "—", f"{r['decode_tokens_per_s']:.1f}", f"{r['vs_fp32']:.2f}",
+              f"{100 * r['cmpq_share']:.0f} %", f"{100 * r['fp32_matmul_share']:.0f} %", f"{100 * r['rest_share']:.0f} %",
+              ", ".join(f"{t['op']} {100 * t['share']:.0f} %" for t in r["top_ops"][:4])) for r in rows]
+    return head + "\n".join(markdown_table(header, cells, text_columns=(0, 1, 2, 8))) + "\n"
+
+
+def main() -> None:
+    isas = tuple(i for i in torch.ops.cmpq.cpu_isas() if i != "scalar")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    p.add_argument("--bits", type=float, default=3.0)
+    p.add_argument("--prompt", default="The weather in Sydney today is")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--isas", nargs="+", default=list(isas), choices=torch.ops.cmpq.cpu_isas())
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path without extension")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "cmpq_kernels": cmpq_kernels.__version__, "python": platform.python_version(),
+            "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                               if line.startswith("model name")), platform.machine()),
+            "threads": torch.get_num_threads(), "bits": args.bits, "new_tokens": args.new_tokens, "reps": args.reps,
+            "prompt": args.prompt, "load_avg_at_start": os.getloadavg()}
+    rows = [r for name in args.model for r in run_model(name, args)]
+    table = markdown(rows, meta)
+    print("\n" + table)
+    write_json_and_markdown({"meta": meta, "rows": rows}, table, args.out)
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
