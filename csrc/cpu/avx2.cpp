@@ -146,14 +146,7 @@ struct Avx2Kernel {
 
 }  // namespace
 
-void gemm_rows_avx2(const LayerView& layer, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
-                    int row_begin, int row_end) {
-  gemm_rows_tiled<Avx2Kernel>(layer, x, ldx, m, y, ldy, row_begin, row_end);
-}
-
-void decode_rows_avx2(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end) {
-  decode_rows_with<Avx2Kernel>(layer, w, ldw, row_begin, row_end);
-}
+const EntryPoints kAvx2 = {gemm_rows_tiled<Avx2Kernel>, decode_rows_with<Avx2Kernel>};
 
 }  // namespace detail
 }  // namespace cpu

@@ -194,14 +194,7 @@ struct Avx512Kernel {
 
 }  // namespace
 
-void gemm_rows_avx512(const LayerView& layer, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
-                      int row_begin, int row_end) {
-  gemm_rows_tiled<Avx512Kernel>(layer, x, ldx, m, y, ldy, row_begin, row_end);
-}
-
-void decode_rows_avx512(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end) {
-  decode_rows_with<Avx512Kernel>(layer, w, ldw, row_begin, row_end);
-}
+const EntryPoints kAvx512 = {gemm_rows_tiled<Avx512Kernel>, decode_rows_with<Avx512Kernel>};
 
 }  // namespace detail
 }  // namespace cpu

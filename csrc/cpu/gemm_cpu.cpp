@@ -69,6 +69,10 @@ constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
 
 }  // namespace
 
+namespace detail {
+const EntryPoints kScalar = {gemm_rows_tiled<ScalarKernel>, decode_rows_with<ScalarKernel>};
+}  // namespace detail
+
 bool supports(Isa isa) {
   if (isa == Isa::kScalar) return true;
 #if CMPQ_HAVE_X86
@@ -99,23 +103,26 @@ bool isa_from_name(const char* name, Isa* isa) {
   return false;
 }
 
-void gemm_rows(const LayerView& layer, const float* x_packed, int64_t ldx, int m, float* y, int64_t ldy,
-               int row_begin, int row_end, Isa isa) {
+namespace {
+
+const detail::EntryPoints& entry_points(Isa isa) {
 #if CMPQ_HAVE_X86
-  if (isa == Isa::kAvx512) return detail::gemm_rows_avx512(layer, x_packed, ldx, m, y, ldy, row_begin, row_end);
-  if (isa == Isa::kAvx2) return detail::gemm_rows_avx2(layer, x_packed, ldx, m, y, ldy, row_begin, row_end);
+  if (isa == Isa::kAvx512) return detail::kAvx512;
+  if (isa == Isa::kAvx2) return detail::kAvx2;
 #endif
   (void)isa;
-  detail::gemm_rows_tiled<ScalarKernel>(layer, x_packed, ldx, m, y, ldy, row_begin, row_end);
+  return detail::kScalar;
+}
+
+}  // namespace
+
+void gemm_rows(const LayerView& layer, const float* x_packed, int64_t ldx, int m, float* y, int64_t ldy,
+               int row_begin, int row_end, Isa isa) {
+  entry_points(isa).gemm_rows(layer, x_packed, ldx, m, y, ldy, row_begin, row_end);
 }
 
 void decode_rows(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end, Isa isa) {
-#if CMPQ_HAVE_X86
-  if (isa == Isa::kAvx512) return detail::decode_rows_avx512(layer, w, ldw, row_begin, row_end);
-  if (isa == Isa::kAvx2) return detail::decode_rows_avx2(layer, w, ldw, row_begin, row_end);
-#endif
-  (void)isa;
-  detail::decode_rows_with<ScalarKernel>(layer, w, ldw, row_begin, row_end);
+  entry_points(isa).decode_rows(layer, w, ldw, row_begin, row_end);
 }
 
 }  // namespace cpu

@@ -84,13 +84,14 @@ void decode_rows_with(const LayerView& layer, float* w, int64_t ldw, int row_beg
   }
 }
 
-// Entry points of the SIMD files (x86 only; called only when supports(isa)).
-void gemm_rows_avx2(const LayerView& layer, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
-                    int row_begin, int row_end);
-void decode_rows_avx2(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end);
-void gemm_rows_avx512(const LayerView& layer, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
-                      int row_begin, int row_end);
-void decode_rows_avx512(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end);
+// One ISA's kernels as gemm_rows / decode_rows (without the isa argument). Defined by avx2.cpp and
+// avx512.cpp (x86 only; used only when supports(isa)) and by gemm_cpu.cpp for scalar.
+struct EntryPoints {
+  void (*gemm_rows)(const LayerView& layer, const float* x, int64_t ldx, int m, float* y, int64_t ldy, int row_begin,
+                    int row_end);
+  void (*decode_rows)(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end);
+};
+extern const EntryPoints kScalar, kAvx2, kAvx512;
 
 }  // namespace detail
 }  // namespace cpu
