@@ -1,8 +1,8 @@
 """Static instruction mix of the CPU kernels' steady-state loops, read from the compiled extension.
 
 Disassembles ``cmpq_kernels/_C*.so`` (``objdump -d``), takes the single-activation-row kernels
-(``Avx512Kernel::row<1>``, ``Avx2Kernel::row<1>``), finds their loops (backward jumps inside the function),
-keeps the decode loops (those with FMAs) and counts, per weight: all instructions, shuffle-port
+(``Avx512Kernel::row<1>``, ``Avx2Kernel::row<1>`` and the int8 kernel's ``row<1>``), finds their loops (backward jumps inside the function),
+keeps the decode loops (those with FMAs or ``vpdpbusd``) and counts, per weight: all instructions, shuffle-port
 instructions (``vperm*``, register-source broadcasts, ``vpmovzx``: one port on Intel cores) and FMAs. The
 segment width of a loop follows from the stride of its code pointer. Not counted: the 3-bit spare-field
 pre-pass (a separate loop over a chunk's groups, vectorised by the compiler), per-row work (codebook
@@ -29,8 +29,9 @@ if str(BENCH) not in sys.path:
 import cmpq_kernels
 from bench_common import markdown_table, write_json_and_markdown
 
-KERNELS = {"avx512": "Avx512Kernel::row<1>(", "avx2": "Avx2Kernel::row<1>("}
-LANES = {"avx512": 16, "avx2": 8}
+KERNELS = {"avx512": "Avx512Kernel::row<1>(", "avx2": "Avx2Kernel::row<1>(",
+           "avx512-int8": "::row<1>(cmpq::LayerView const&, cmpq::cpu::Int8Activations const&"}
+LANES = {"avx512": 16, "avx2": 8, "avx512-int8": 16}
 VECTOR_PORTS = {16: 2, 8: 3}  # Intel server cores: 512-bit ops issue on ports 0 and 5, 256-bit on 0, 1 and 5
 LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 SHUFFLE = re.compile(r"^(vperm|vpshuf|vpmovzx|vpermi2|vpermt2|vpexpand|vinsert|vextract)")
@@ -80,12 +81,15 @@ def width_of(loop: list[tuple[int, str, str]], weights: int) -> int | None:
             strides.setdefault(base, 1)
             if index:
                 strides.setdefault(index, int(scale))
-    for _, mnemonic, operands in loop:
-        step = re.match(r"\$0x([0-9a-f]+),(%\w+)$", operands)
-        if mnemonic == "add" and step and step.group(2) in strides:
-            bits = int(step.group(1), 16) * strides[step.group(2)] * 8 / weights
-            if bits in (2, 3, 4):
-                return int(bits)
+    # Prefer registers that address memory; else any counter stepped by an immediate (the int8 loops count
+    # the code bytes left).
+    for wanted in (strides, None):
+        for _, mnemonic, operands in loop:
+            step = re.match(r"\$0x([0-9a-f]+),(%\w+)$", operands)
+            if mnemonic in ("add", "sub") and step and (wanted is None or step.group(2) in wanted):
+                bits = int(step.group(1), 16) * (strides.get(step.group(2), 1)) * 8 / weights
+                if bits in (2, 3, 4):
+                    return int(bits)
     return None
 
 
@@ -97,13 +101,14 @@ def is_load_only(mnemonic: str, operands: str) -> bool:
 
 def count(loop: list[tuple[int, str, str]], lanes: int) -> dict:
     fma = sum(m.startswith("vfmadd") for _, m, _ in loop)
-    weights = fma * lanes  # one activation row: one FMA per `lanes` weights
+    dot = sum(m == "vpdpbusd" for _, m, _ in loop)
+    weights = dot * 64 if dot else fma * lanes  # one activation row: an FMA per `lanes` weights, a vpdpbusd per 64
     shuffles = sum(bool(SHUFFLE.match(m)) or (m.startswith("vpbroadcast") and "(" not in o) for _, m, o in loop)
     vector = sum(m.startswith("v") and not is_load_only(m, o) for _, m, o in loop)
     ports = VECTOR_PORTS[lanes]
     return {"weights_per_iteration": weights, "instructions": len(loop),
             "instructions_per_weight": len(loop) / weights, "vector_alu_per_weight": vector / weights,
-            "shuffle_per_weight": shuffles / weights, "fma_per_weight": fma / weights,
+            "shuffle_per_weight": shuffles / weights, "fma_per_weight": fma / weights, "dot_per_weight": dot / weights,
             "bound_weights_per_cycle": min(ports * weights / vector, weights / max(shuffles, 1))}
 
 
@@ -112,7 +117,7 @@ def analyse(library: Path) -> list[dict]:
     rows = []
     for isa, marker in KERNELS.items():
         body = function_body(listing, marker)
-        decode = [loop for loop in loops(body) if any(m.startswith("vfmadd") for _, m, _ in loop)]
+        decode = [loop for loop in loops(body) if any(m.startswith("vfmadd") or m == "vpdpbusd" for _, m, _ in loop)]
         seen = set()
         for loop in decode:
             entry = count(loop, LANES[isa])
@@ -132,10 +137,10 @@ def main() -> None:
     library = args.library or Path(next(Path(cmpq_kernels.__file__).parent.glob("_C.*.so")))
     rows = analyse(library)
     header = ("ISA", "bits", "weights / iteration", "instructions / weight", "vector ALU / weight",
-              "shuffle-port / weight", "FMA / weight", "bound: weights / cycle / core")
+              "shuffle-port / weight", "FMA / weight", "vpdpbusd / weight", "bound: weights / cycle / core")
     cells = [(r["isa"], str(r["bits"]), str(r["weights_per_iteration"]), f"{r['instructions_per_weight']:.3f}",
               f"{r['vector_alu_per_weight']:.3f}", f"{r['shuffle_per_weight']:.3f}", f"{r['fma_per_weight']:.3f}",
-              f"{r['bound_weights_per_cycle']:.1f}") for r in rows]
+              f"{r['dot_per_weight']:.3f}", f"{r['bound_weights_per_cycle']:.1f}") for r in rows]
     table = "\n".join(markdown_table(header, cells, text_columns=(0,))) + "\n"
     print(f"{library}\n\n{table}")
     if args.out:

@@ -25,8 +25,9 @@ constexpr int64_t kCpuDirectMaxM = 16;
 constexpr int64_t kDecodeBlockRows = 256;
 
 // CMPQ_CPU_SIMD picks the CPU kernels' instruction set, read on every call: unset, "", "auto" or "1" = the
-// best this CPU runs; "scalar" (or "0"), "avx2", "avx512" force one (tests run every path; it also helps
-// bisect a suspected SIMD bug). A name this CPU cannot run is an error, never a silent fallback.
+// best exact one this CPU runs; "scalar" (or "0"), "avx2", "avx512" force one (tests run every path; it
+// also helps bisect a suspected SIMD bug); "avx512-int8" opts into the approximate int8 kernel (m <= 16).
+// A name this CPU cannot run is an error, never a silent fallback.
 cpu::Isa cpu_isa_for_call() {
   static const cpu::Isa best = cpu::best_isa();
   const char* env = getenv("CMPQ_CPU_SIMD");
@@ -34,7 +35,7 @@ cpu::Isa cpu_isa_for_call() {
   if (strcmp(env, "0") == 0) return cpu::Isa::kScalar;
   cpu::Isa isa;
   TORCH_CHECK_VALUE(cpu::isa_from_name(env, &isa), "CMPQ_CPU_SIMD='", env,
-                    "' is not one of auto, scalar (or 0), avx2, avx512");
+                    "' is not one of auto, scalar (or 0), avx2, avx512, avx512-int8");
   TORCH_CHECK_VALUE(cpu::supports(isa), "CMPQ_CPU_SIMD=", env, " but this CPU cannot run ", env,
                     "; it runs ", cpu::isa_name(best));
   return isa;
@@ -65,6 +66,14 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const LayerView
     const cpu::Isa isa = cpu_isa_for_call();
     if (m > kCpuDirectMaxM) {
       gemm_decode_blas(view, x_packed, y, isa);
+    } else if (isa == cpu::Isa::kAvx512Int8) {
+      cpu::Int8Activations acts;
+      cpu::quantize_activations(view, x_packed.data_ptr<float>(), view.k, static_cast<int>(m), &acts);
+      const float* xp = x_packed.data_ptr<float>();
+      float* yp = y.data_ptr<float>();
+      at::parallel_for(0, view.n, 16, [&](int64_t b, int64_t e) {
+        cpu::gemm_rows_int8(view, acts, xp, view.k, yp, view.n, static_cast<int>(b), static_cast<int>(e));
+      });
     } else {
       const float* xp = x_packed.data_ptr<float>();
       float* yp = y.data_ptr<float>();
@@ -111,7 +120,7 @@ std::string cpu_isa() { return cpu::isa_name(cpu_isa_for_call()); }
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
-  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512})
+  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512, cpu::Isa::kAvx512Int8})
     if (cpu::supports(isa)) names.push_back(cpu::isa_name(isa));
   return names;
 }
@@ -132,9 +141,10 @@ TORCH_LIBRARY(cmpq, m) {
   m.def("layer_fields() -> str[]", &cmpq::layer_fields);
   // uint8 codes [rows, groups * 32] from packed int32 words [rows, groups * bits] (layout tests).
   m.def("unpack_codes(Tensor words, int bits) -> Tensor");
-  // Instruction set the CPU kernels use for the next call ("avx512", "avx2" or "scalar"; CMPQ_CPU_SIMD).
+  // Instruction set the CPU kernels use for the next call ("avx512", "avx2", "scalar" or the opt-in
+  // "avx512-int8"; CMPQ_CPU_SIMD).
   m.def("cpu_isa() -> str", &cmpq::cpu_isa);
-  // Every instruction set this CPU can run, scalar first.
+  // Every instruction set this CPU can run: scalar first, then the exact ones, then "avx512-int8".
   m.def("cpu_isas() -> str[]", &cmpq::cpu_isas);
 }
 

@@ -12,22 +12,15 @@
 #include "row_kernels.h"
 
 #if CMPQ_HAVE_X86
-#include <immintrin.h>
-
 #include <type_traits>
 
-// GCC 12's AVX-512 intrinsics build their "undefined" pass-through operand as `__m512 __Y = __Y;`, which
-// -Wuninitialized reports at every inlined call (a known false positive); nothing here reads it.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "avx512_common.h"
 
 namespace cmpq {
 namespace cpu {
 namespace detail {
 namespace {
 
-#define CMPQ_AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,fma,f16c")))
-#define CMPQ_AVX512 CMPQ_AVX512_TARGET __attribute__((always_inline)) inline
 // Per-row entry points; flatten inlines the with_segment_bits bodies (see avx2.cpp).
 #define CMPQ_AVX512_ROW CMPQ_AVX512_TARGET __attribute__((flatten))
 
@@ -129,25 +122,6 @@ CMPQ_AVX512 void segment(const uint32_t* words, int groups, __m512 table, const 
   });
 }
 
-// A row's outliers, 16 at a time: columns widened to int32, x gathered, fp16 residuals converted, one FMA
-// per activation row into its first accumulator, so they join the dense sum before the reduction.
-template <int TILE>
-CMPQ_AVX512 void outliers(const LayerView& layer, int row, const float* x, int64_t ldx,
-                          __m512 (*acc)[kChains<TILE>]) {
-  const int32_t end = layer.row_ptr[row + 1];
-  for (int32_t e = layer.row_ptr[row]; e < end; e += 16) {
-    const __mmask16 live = end - e >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (end - e)) - 1);
-    const __m512i cols =
-        layer.col_is_int32 ? _mm512_maskz_loadu_epi32(live, static_cast<const int32_t*>(layer.col) + e)
-                           : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(live, static_cast<const int16_t*>(layer.col) + e));
-    const __m512 vals = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, layer.val + e));
-    for (int i = 0; i < TILE; ++i) {
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, cols, x + i * ldx, 4);
-      acc[i][0] = _mm512_fmadd_ps(vals, xv, acc[i][0]);
-    }
-  }
-}
-
 template <int BITS>
 CMPQ_AVX512 void decode_segment(const uint32_t* words, int groups, __m512 table, float* out) {
   for_each_group<BITS>(words, groups, [&](int g, const __m512i* idx, auto) CMPQ_AVX512_TARGET {
@@ -172,7 +146,7 @@ struct Avx512Kernel {
                                  ldx, acc);
       });
     }
-    outliers<TILE>(layer, row, x, ldx, acc);
+    add_outliers16<TILE>(layer, row, x, ldx, [&](int i) -> __m512& { return acc[i][0]; });
     for (int i = 0; i < TILE; ++i) {
       __m512 total = acc[i][0];
       for (int c = 1; c < kChains<TILE>; ++c) total = _mm512_add_ps(total, acc[i][c]);

@@ -6,7 +6,10 @@
 // them against up to kMaxTile activation rows, so each weight is decoded once per tile of batch rows.
 // Outliers are added after the dense sum. The large-batch path (bindings) decodes blocks of rows with
 // decode_rows and calls BLAS.
+#include <math.h>
 #include <string.h>
+
+#include <cmath>
 
 #include "row_kernels.h"
 
@@ -65,7 +68,17 @@ struct ScalarKernel {
   }
 };
 
-constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512-int8"};
+constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Int8};
+
+int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Byte position of a segment's column c in the int8 activation layout (see Int8Activations).
+int64_t int8_position(int bits, int c) {
+  if (bits == 4) return c / 128 * 128 + (c & 1) * 64 + c % 128 / 2;
+  if (bits == 2) return c / 256 * 256 + (c & 3) * 64 + c % 256 / 4;
+  return c;
+}
 
 }  // namespace
 
@@ -81,6 +94,8 @@ bool supports(Isa isa) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa == Isa::kAvx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  if (isa == Isa::kAvx512Int8)
+    return supports(Isa::kAvx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
 #endif
   return false;
 }
@@ -94,7 +109,7 @@ Isa best_isa() {
 const char* isa_name(Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
 
 bool isa_from_name(const char* name, Isa* isa) {
-  for (Isa candidate : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa candidate : kAllIsas) {
     if (strcmp(name, isa_name(candidate)) == 0) {
       *isa = candidate;
       return true;
@@ -105,9 +120,10 @@ bool isa_from_name(const char* name, Isa* isa) {
 
 namespace {
 
+// The float entry points of an ISA; the int8 mode uses the exact AVX-512 ones (decode path, m > 16).
 const detail::EntryPoints& entry_points(Isa isa) {
 #if CMPQ_HAVE_X86
-  if (isa == Isa::kAvx512) return detail::kAvx512;
+  if (isa == Isa::kAvx512 || isa == Isa::kAvx512Int8) return detail::kAvx512;
   if (isa == Isa::kAvx2) return detail::kAvx2;
 #endif
   (void)isa;
@@ -123,6 +139,55 @@ void gemm_rows(const LayerView& layer, const float* x_packed, int64_t ldx, int m
 
 void decode_rows(const LayerView& layer, float* w, int64_t ldw, int row_begin, int row_end, Isa isa) {
   entry_points(isa).decode_rows(layer, w, ldw, row_begin, row_end);
+}
+
+void quantize_activations(const LayerView& layer, const float* x_packed, int64_t ldx, int m, Int8Activations* out) {
+  out->m = m;
+  out->stride = out->blocks = 0;
+  for (int s = 0; s < kNumSegments; ++s) {
+    const int padded = round_up(layer.seg_k[s], kInt8SegmentPad);
+    out->seg_byte[s] = out->stride;
+    out->seg_block[s] = out->blocks;
+    out->stride += padded;
+    out->blocks += padded / kInt8Block;
+  }
+  out->q.assign(static_cast<size_t>(m) * out->stride, 0);
+  out->scale.assign(static_cast<size_t>(m) * out->blocks, 0.f);
+  out->correction.assign(static_cast<size_t>(m) * kNumSegments, 0.f);
+  for (int i = 0; i < m; ++i) {
+    for (int s = 0, begin = 0; s < kNumSegments; begin += layer.seg_k[s], ++s) {
+      const float* x = x_packed + i * ldx + begin;
+      int8_t* q = out->q.data() + i * out->stride + out->seg_byte[s];
+      float* scale = out->scale.data() + i * out->blocks + out->seg_block[s];
+      float correction = 0.f;
+      for (int b0 = 0; b0 < layer.seg_k[s]; b0 += kInt8Block) {
+        const int b1 = b0 + kInt8Block < layer.seg_k[s] ? b0 + kInt8Block : layer.seg_k[s];
+        float amax = 0.f;
+        for (int c = b0; c < b1; ++c) amax = std::fabs(x[c]) > amax || x[c] != x[c] ? std::fabs(x[c]) : amax;
+        // A NaN or infinite activation poisons its token's outputs (as in the exact kernels), no other token's.
+        const float block_scale = std::isfinite(amax) ? amax / 127.f : std::nanf("");
+        const float inv = std::isfinite(amax) && amax > 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+        for (int c = b0; c < b1; ++c) {
+          const int8_t v = inv > 0.f ? static_cast<int8_t>(std::nearbyint(x[c] * inv)) : 0;  // |x * inv| <= 127
+          q[int8_position(segment_bits(s), c)] = v;
+          sum += v;
+        }
+        scale[b0 / kInt8Block] = block_scale;
+        correction += 128.f * block_scale * static_cast<float>(sum);
+      }
+      out->correction[static_cast<size_t>(i) * kNumSegments + s] = correction;
+    }
+  }
+}
+
+void gemm_rows_int8(const LayerView& layer, const Int8Activations& acts, const float* x_packed, int64_t ldx,
+                    float* y, int64_t ldy, int row_begin, int row_end) {
+#if CMPQ_HAVE_X86
+  detail::gemm_rows_int8_avx512(layer, acts, x_packed, ldx, y, ldy, row_begin, row_end);
+#else
+  (void)layer, (void)acts, (void)x_packed, (void)ldx, (void)y, (void)ldy, (void)row_begin, (void)row_end;
+#endif
 }
 
 }  // namespace cpu

@@ -93,6 +93,10 @@ struct EntryPoints {
 };
 extern const EntryPoints kScalar, kAvx2, kAvx512;
 
+// The int8 kernel (avx512_int8.cpp).
+void gemm_rows_int8_avx512(const LayerView& layer, const Int8Activations& acts, const float* x, int64_t ldx,
+                           float* y, int64_t ldy, int row_begin, int row_end);
+
 }  // namespace detail
 }  // namespace cpu
 }  // namespace cmpq
