@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -90,6 +90,19 @@ def random_x(m: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0) 
     """Activations ``[m, k]`` ~ N(0, 1), generated in fp32 then cast (so every dtype sees the same values)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(m, k, generator=gen).to(dtype)
+
+
+def with_threads(counts: Sequence[int], fn: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+    """``fn()`` once per torch thread count in ``counts``; the caller's count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in counts:
+            torch.set_num_threads(count)
+            outputs.append(fn())
+        return outputs
+    finally:
+        torch.set_num_threads(threads)
 
 
 def norm_rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

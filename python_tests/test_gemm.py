@@ -16,7 +16,7 @@ import torch
 
 from cmpq_kernels import ops, reference
 from cmpq_kernels.format import CMPQLayer
-from conftest import assert_matches_reference, make_layer, random_x
+from conftest import assert_matches_reference, make_layer, random_x, with_threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,12 +375,5 @@ def test_direct_path_is_independent_of_thread_count(m, cpu_isa):
     """Each output row is computed by one thread in a fixed order, so the thread count cannot matter."""
     layer = layer_for(Case(m, 1001, 512, density=0.02))
     x = random_x(m, 512)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.gemm(x, layer)
-        torch.set_num_threads(2)
-        two = ops.gemm(x, layer)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = with_threads([1, 2], lambda: ops.gemm(x, layer))
     assert torch.equal(one, two)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cmpq_kernels import ops, reference
-from conftest import make_layer, norm_rel_error, random_x
+from conftest import make_layer, norm_rel_error, random_x, with_threads
 
 pytestmark = pytest.mark.skipif("avx512-int8" not in torch.ops.cmpq.cpu_isas(),
                                 reason="this CPU lacks avx512vnni/avx512vbmi")
@@ -89,14 +89,7 @@ def test_batches_above_16_run_the_exact_kernel(int8):
 def test_repeatable_and_independent_of_thread_count(int8):
     layer = make_layer(301, 512, outlier_density=0.02, seed=1)
     x = random_x(5, 512)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.gemm(x, layer)
-        torch.set_num_threads(2)
-        two = ops.gemm(x, layer)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = with_threads([1, 2], lambda: ops.gemm(x, layer))
     assert torch.equal(one, two) and torch.equal(one, ops.gemm(x, layer))
 
 
