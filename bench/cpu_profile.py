@@ -12,6 +12,11 @@ Per ``--model`` (the offline GGUF models of docs/DESIGN.md §5):
     * Profile: one more generation per ISA under ``torch.profiler`` (CPU): the share of self CPU time in
       ``cmpq::gemm`` (the CMPQ layers), ``aten::linear``/``aten::addmm``/``aten::mm`` (the FP32 lm_head) and
       everything else (attention, norms, sampling, Python), plus the top operators.
+    * Step-by-step perplexity: the first ``--ppl-tokens`` tokens of ``lee-test`` fed one token at a time
+      with the KV cache, so every CMPQ call has m = 1 and runs the ISA's direct kernel (the perplexity tool
+      feeds whole windows, m > 16, which never reaches it). Compared across ISAs of the same weights it
+      measures what a kernel's arithmetic costs in accuracy (the approximate ``avx512-int8`` mode); the
+      stand-in quantizer makes the absolute value worse than a calibrated checkpoint's.
 
 Output: a table on stdout, ``<out>.json`` and ``<out>.md`` (default ``bench/results/cpu_profile``). Run it
 alone (CPU timings are distorted by other load). Example:
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -36,6 +42,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 import cmpq_kernels
 from bench_common import markdown_table, write_json_and_markdown
+from cmpq_kernels.corpora import read_text
 from cmpq_kernels.generation import generate
 from cmpq_kernels.models import load_gguf_model
 from cmpq_kernels.quantize import quantize_linear
@@ -67,6 +74,17 @@ def time_shares(model, tokenizer, args: argparse.Namespace) -> dict:
             "top_ops": [{"op": op, "share": t / total} for op, t in top]}
 
 
+def stepwise_perplexity(model, tokenizer, text: str, tokens: int) -> float:
+    """exp(mean NLL) of ``tokens`` tokens of ``text`` predicted one step at a time with the KV cache."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens + 1]
+    past, nll = None, 0.0
+    for t in range(ids.shape[1] - 1):
+        out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nll -= float(torch.log_softmax(out.logits[0, -1].float(), -1)[ids[0, t + 1]])
+    return math.exp(nll / (ids.shape[1] - 1))
+
+
 def quantize_blocks(model: torch.nn.Module, bits: float) -> int:
     path, blocks = find_blocks(model)
     for name, linear in linear_layers(blocks, f"{path}.").items():
@@ -78,9 +96,11 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
     model, tokenizer = load_gguf_model(name)
     model.eval()
     rows = []
+    text = read_text("lee-test")
     with torch.inference_mode():
         fp32 = decode_tokens_per_s(model, tokenizer, args)
         rows.append({"model": name, "weights": "fp32", "isa": None, "decode_tokens_per_s": fp32,
+                     "stepwise_ppl": stepwise_perplexity(model, tokenizer, text, args.ppl_tokens),
                      **time_shares(model, tokenizer, args)})
         print(f"  {name} fp32: {fp32:.1f} tok/s", flush=True)
         layers = quantize_blocks(model, args.bits)
@@ -90,7 +110,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
                 os.environ["CMPQ_CPU_SIMD"] = isa
                 speed = decode_tokens_per_s(model, tokenizer, args)
                 rows.append({"model": name, "weights": f"cmpq {args.bits:g} bits ({layers} layers)", "isa": isa,
-                             "decode_tokens_per_s": speed, **time_shares(model, tokenizer, args)})
+                             "decode_tokens_per_s": speed,
+                             "stepwise_ppl": stepwise_perplexity(model, tokenizer, text, args.ppl_tokens),
+                             **time_shares(model, tokenizer, args)})
                 print(f"  {name} cmpq {isa}: {speed:.1f} tok/s", flush=True)
         finally:
             os.environ.pop("CMPQ_CPU_SIMD", None) if saved is None else os.environ.update(CMPQ_CPU_SIMD=saved)
@@ -102,13 +124,15 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
 def markdown(rows: list[dict], meta: dict) -> str:
     head = (f"CPU: {meta['cpu_model']}, {meta['threads']} threads, torch {meta['torch']}, {meta['date']}; greedy, "
             f"{meta['new_tokens']} new tokens after {meta['prompt']!r}, median of {meta['reps']}; shares = self CPU "
-            "time of one profiled generation.\n\n")
-    header = ("model", "weights", "ISA", "decode tok/s", "vs fp32", "CMPQ layers", "FP32 matmuls", "rest",
-              "top ops")
+            f"time of one profiled generation; step-by-step ppl over the first {meta['ppl_tokens']} tokens of lee-test, "
+            "one token per call.\n\n")
+    header = ("model", "weights", "ISA", "decode tok/s", "vs fp32", "step-by-step ppl", "CMPQ layers", "FP32 matmuls",
+              "rest", "top ops")
     cells = [(r["model"], r["weights"], r["isa"] or "—", f"{r['decode_tokens_per_s']:.1f}", f"{r['vs_fp32']:.2f}",
+              f"{r['stepwise_ppl']:.3f}",
               f"{100 * r['cmpq_share']:.0f} %", f"{100 * r['fp32_matmul_share']:.0f} %", f"{100 * r['rest_share']:.0f} %",
               ", ".join(f"{t['op']} {100 * t['share']:.0f} %" for t in r["top_ops"][:4])) for r in rows]
-    return head + "\n".join(markdown_table(header, cells, text_columns=(0, 1, 2, 8))) + "\n"
+    return head + "\n".join(markdown_table(header, cells, text_columns=(0, 1, 2, 9))) + "\n"
 
 
 def main() -> None:
@@ -119,6 +143,7 @@ def main() -> None:
     p.add_argument("--prompt", default="The weather in Sydney today is")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--ppl-tokens", type=int, default=256, help="tokens of lee-test for the step-by-step perplexity")
     p.add_argument("--isas", nargs="+", default=list(isas), choices=torch.ops.cmpq.cpu_isas())
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path without extension")
@@ -129,7 +154,7 @@ def main() -> None:
             "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                                if line.startswith("model name")), platform.machine()),
             "threads": torch.get_num_threads(), "bits": args.bits, "new_tokens": args.new_tokens, "reps": args.reps,
-            "prompt": args.prompt, "load_avg_at_start": os.getloadavg()}
+            "prompt": args.prompt, "ppl_tokens": args.ppl_tokens, "load_avg_at_start": os.getloadavg()}
     rows = [r for name in args.model for r in run_model(name, args)]
     table = markdown(rows, meta)
     print("\n" + table)
