@@ -4,11 +4,12 @@ Per ``--model`` (the offline GGUF models of docs/DESIGN.md §5):
     * FP32: the model as loaded; greedy generation of ``--new-tokens`` tokens after ``--prompt`` with the KV
       cache (``cmpq_kernels.generation.generate``, as ``cmpq generate`` runs it), ``--reps`` runs after a
       warm-up, median tokens/s after the first token (``decode tok/s``: batch 1, one token per step).
-    * CMPQ: every linear of the decoder blocks replaced by a stand-in-quantized layer at ``--bits``
-      (``quantize_linear`` without calibration inputs). Kernel time depends on the stored tensors (widths,
-      shapes, outlier count), not on their values, so this times what a calibrated checkpoint of the same
-      bits runs; the embeddings and the tied ``lm_head`` stay FP32, as in ``quantize_model``. Generation is
-      timed once per CPU kernel ISA (``CMPQ_CPU_SIMD``): AVX2 was the kernel before the AVX-512 path.
+    * CMPQ: every linear of the decoder blocks quantized at ``--bits``: by default with ``quantize_model``
+      and the library defaults, calibrated on ``--samples`` windows of ``--calib-len`` tokens of ``lee-train``;
+      with ``--standin``, by the calibration-free stand-in (seconds instead of minutes; the same stored
+      tensors, so the same speed, but a much worse model). The embeddings and the tied ``lm_head`` stay
+      FP32. Generation is timed once per CPU kernel ISA (``CMPQ_CPU_SIMD``): AVX2 was the kernel before the
+      AVX-512 path.
     * Profile: one more generation per ISA under ``torch.profiler`` (CPU): the share of self CPU time in
       ``cmpq::gemm`` (the CMPQ layers), ``aten::linear``/``aten::addmm``/``aten::mm`` (the FP32 lm_head) and
       everything else (attention, norms, sampling, Python), plus the top operators.
@@ -45,7 +46,7 @@ from bench_common import markdown_table, write_json_and_markdown
 from cmpq_kernels.corpora import read_text
 from cmpq_kernels.generation import generate
 from cmpq_kernels.models import load_gguf_model
-from cmpq_kernels.quantize import quantize_linear
+from cmpq_kernels.quantize import quantize_linear, quantize_model
 from cmpq_kernels.quantize.calibrate import find_blocks, linear_layers
 from cmpq_kernels.surgery import quantized_modules, replace_module
 
@@ -85,10 +86,14 @@ def stepwise_perplexity(model, tokenizer, text: str, tokens: int) -> float:
     return math.exp(nll / (ids.shape[1] - 1))
 
 
-def quantize_blocks(model: torch.nn.Module, bits: float) -> int:
-    path, blocks = find_blocks(model)
-    for name, linear in linear_layers(blocks, f"{path}.").items():
-        replace_module(model, name, quantize_linear(linear, bits))
+def quantize_blocks(model: torch.nn.Module, tokenizer, args: argparse.Namespace) -> int:
+    if args.standin:
+        path, blocks = find_blocks(model)
+        for name, linear in linear_layers(blocks, f"{path}.").items():
+            replace_module(model, name, quantize_linear(linear, args.bits))
+    else:
+        quantize_model(model, [read_text("lee-train")], args.bits, tokenizer=tokenizer, n_samples=args.samples,
+                       seq_len=args.calib_len)
     return len(quantized_modules(model))
 
 
@@ -103,13 +108,14 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
                      "stepwise_ppl": stepwise_perplexity(model, tokenizer, text, args.ppl_tokens),
                      **time_shares(model, tokenizer, args)})
         print(f"  {name} fp32: {fp32:.1f} tok/s", flush=True)
-        layers = quantize_blocks(model, args.bits)
+        layers = quantize_blocks(model, tokenizer, args)
         saved = os.environ.get("CMPQ_CPU_SIMD")
         try:
             for isa in args.isas:
                 os.environ["CMPQ_CPU_SIMD"] = isa
                 speed = decode_tokens_per_s(model, tokenizer, args)
-                rows.append({"model": name, "weights": f"cmpq {args.bits:g} bits ({layers} layers)", "isa": isa,
+                kind = "stand-in" if args.standin else "calibrated"
+                rows.append({"model": name, "weights": f"cmpq {args.bits:g} bits, {kind} ({layers} layers)", "isa": isa,
                              "decode_tokens_per_s": speed,
                              "stepwise_ppl": stepwise_perplexity(model, tokenizer, text, args.ppl_tokens),
                              **time_shares(model, tokenizer, args)})
@@ -144,6 +150,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ppl-tokens", type=int, default=256, help="tokens of lee-test for the step-by-step perplexity")
+    p.add_argument("--standin", action="store_true", help="stand-in quantizer instead of the calibrated one")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--isas", nargs="+", default=list(isas), choices=torch.ops.cmpq.cpu_isas())
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path without extension")
@@ -154,7 +163,8 @@ def main() -> None:
             "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                                if line.startswith("model name")), platform.machine()),
             "threads": torch.get_num_threads(), "bits": args.bits, "new_tokens": args.new_tokens, "reps": args.reps,
-            "prompt": args.prompt, "ppl_tokens": args.ppl_tokens, "load_avg_at_start": os.getloadavg()}
+            "prompt": args.prompt, "ppl_tokens": args.ppl_tokens, "standin": args.standin,
+            "calibration": None if args.standin else f"lee-train, {args.samples} x {args.calib_len} tokens", "load_avg_at_start": os.getloadavg()}
     rows = [r for name in args.model for r in run_model(name, args)]
     table = markdown(rows, meta)
     print("\n" + table)
