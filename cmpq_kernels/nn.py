@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .format import FORMAT_VERSION, CMPQLayer
+from .format import FORMAT_VERSION, LAYER_FIELDS, CMPQLayer
 
 
 class CMPQLinear(nn.Module):
@@ -37,6 +37,7 @@ class CMPQLinear(nn.Module):
         for name, tensor in fields.items():  # fp16 codebooks / values as their int16 bit patterns
             self.register_buffer(name, tensor.view(torch.int16) if name in self._fp16_fields else tensor)
         self.register_buffer("bias", layer.bias)
+        self._op_fields: tuple = ((), ())  # (buffers, op arguments) cached by _fields()
 
     @property
     def layer(self) -> CMPQLayer:
@@ -47,9 +48,24 @@ class CMPQLinear(nn.Module):
         return CMPQLayer.from_fields(fields, n=self.out_features, k=self.in_features, bits=self.bits,
                                      codebook_rows=self.codebook_rows, bias=self.bias)
 
+    def _fields(self) -> tuple:
+        """The buffers as op arguments (fp16 fields viewed back from int16), cached while the buffers are the
+        same tensor objects: rebuilding them per call costs more than a small layer's kernel. ``.to()``,
+        ``.half()`` and the like replace buffers, so the identity check also catches them."""
+        buffers = tuple(self._buffers[name] for name in LAYER_FIELDS)
+        cached, fields = self._op_fields
+        if len(cached) != len(buffers) or any(a is not b for a, b in zip(cached, buffers)):
+            fields = tuple(t.view(torch.float16) if name in self._fp16_fields else t
+                           for name, t in zip(LAYER_FIELDS, buffers))
+            self._op_fields = (buffers, fields)
+        return fields
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Non-tensors go through unchanged so ops.gemm raises its TypeError rather than an AttributeError here.
-        return ops.gemm(x.contiguous() if isinstance(x, torch.Tensor) else x, self.layer)
+        if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+            # Non-tensors reach ops.gemm's TypeError; traced graphs take the plain path, without the cache.
+            return ops.gemm(x.contiguous() if isinstance(x, torch.Tensor) else x, self.layer)
+        return ops.gemm_fields(x.contiguous(), self._fields(), n=self.out_features, k=self.in_features, bias=self.bias,
+                               codebook_rows=self.codebook_rows, format_version=self.format_version)
 
     def extra_repr(self) -> str:
         layer = self.layer

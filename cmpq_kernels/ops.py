@@ -24,14 +24,18 @@ def check_activation(x: torch.Tensor, layer: CMPQLayer) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the problem if ``x`` cannot be multiplied by ``layer``."""
     if not isinstance(layer, CMPQLayer):
         raise TypeError(f"layer: expected a CMPQLayer, got {type(layer).__name__} (a CMPQLinear's is .layer)")
+    _check_x(x, layer.k, layer.perm.device)
+
+
+def _check_x(x: torch.Tensor, k: int, device: torch.device) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"x: dtype must be one of float32/float16/bfloat16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != layer.k:
-        raise ValueError(f"x: last dimension must be in_features={layer.k}, got shape {tuple(x.shape)}")
-    if x.device != layer.perm.device:
-        raise ValueError(f"x: is on {x.device} but the layer is on {layer.perm.device}; move one of them")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: last dimension must be in_features={k}, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"x: is on {x.device} but the layer is on {device}; move one of them")
     if not x.is_contiguous():
         raise ValueError("x: must be contiguous (call .contiguous())")
 
@@ -50,10 +54,18 @@ def gemm(x: torch.Tensor, layer: CMPQLayer, bias: Optional[torch.Tensor] = None)
     check_activation(x, layer)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-    bias = layer.bias if bias is None else bias
-    y = torch.ops.cmpq.gemm(x.reshape(-1, layer.k), *_layer_args(layer), bias, layer.codebook_rows,
-                            layer.format_version)
-    return y.reshape(*x.shape[:-1], layer.n)
+    return gemm_fields(x, _layer_args(layer), n=layer.n, k=layer.k, bias=layer.bias if bias is None else bias,
+                       codebook_rows=layer.codebook_rows, format_version=layer.format_version)
+
+
+def gemm_fields(x: torch.Tensor, fields: tuple, *, n: int, k: int, bias: Optional[torch.Tensor], codebook_rows: int,
+                format_version: int) -> torch.Tensor:
+    """:func:`gemm` on a layer given as its packed tensors in :data:`LAYER_FIELDS` order (what a module holding
+    them passes without building a :class:`CMPQLayer` per call). ``x`` is checked; the tensors are checked by
+    the op itself."""
+    _check_x(x, k, fields[0].device)
+    y = torch.ops.cmpq.gemm(x.reshape(-1, k), *fields, bias, codebook_rows, format_version)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def dequantize(layer: CMPQLayer, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -145,3 +145,19 @@ def test_quantize_linear_passes_options_and_rejects_bad_inputs():
         quantize_linear(linear, 3.0, torch.full((10, K), float("nan")))
     with pytest.raises(TypeError, match="inputs="):
         quantize_linear(linear, 3.0, codebook_rows=2)
+
+
+def test_forward_follows_replaced_buffers():
+    """forward caches its op arguments while the buffers are the same objects; replacing them (assignment,
+    load_state_dict(assign=True), .to()) must be seen on the next call."""
+    first, second = (CMPQLinear(make_layer(N, K, outlier_density=0.01, seed=s)) for s in (1, 2))
+    x = random_x(3, K)
+    assert torch.equal(first(x), torch.ops.cmpq.gemm(x, *first._fields(), first.bias, first.codebook_rows,
+                                                     first.format_version))
+    first.load_state_dict(second.state_dict(), assign=True)
+    assert torch.equal(first(x), second(x))
+    first.codebook3 = torch.zeros_like(first.codebook3)  # plain assignment of a buffer
+    assert norm_rel_error(first(x), reference.linear(x, first.layer)) < 1e-5
+    before = first(x)
+    first.codebook3.copy_(second.codebook3)  # in place: the cached view sees it
+    assert not torch.equal(first(x), before) and torch.equal(first(x), second(x))
