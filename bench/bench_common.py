@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 from pathlib import Path
 from typing import Collection, Iterable, Sequence
 
@@ -56,6 +57,17 @@ def parse_bits(text: str) -> tuple[float, ...]:
     if any(not (2.0 <= b <= 4.0) for b in bits):
         raise argparse.ArgumentTypeError(f"bits list {text!r}: every value must be in [2, 4]")
     return bits
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def layer_bytes(layer: CMPQLayer) -> int:

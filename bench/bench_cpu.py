@@ -68,7 +68,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # `cmpq bench` runs this file through runpy, which does not add its folder
     sys.path.insert(0, str(BENCH))
 import cmpq_kernels
-from bench_common import (layer_bytes, markdown_table, parse_batches, parse_bits, parse_shapes,
+from bench_common import (cpu_model, layer_bytes, markdown_table, parse_batches, parse_bits, parse_shapes,
                           write_json_and_markdown)
 from cmpq_kernels import ops
 from cmpq_kernels.format import CMPQLayer
@@ -286,16 +286,6 @@ def summarize(rows: list[dict]) -> list[dict]:
             entry[f"per_token_m{m}_target_met"] = None if ratio is None else ratio <= limit
         out.append(entry)
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

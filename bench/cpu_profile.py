@@ -42,7 +42,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 import cmpq_kernels
-from bench_common import markdown_table, write_json_and_markdown
+from bench_common import cpu_model, markdown_table, write_json_and_markdown
 from cmpq_kernels.corpora import read_text
 from cmpq_kernels.generation import generate
 from cmpq_kernels.models import load_gguf_model
@@ -160,8 +160,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cmpq_kernels": cmpq_kernels.__version__, "python": platform.python_version(),
-            "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                               if line.startswith("model name")), platform.machine()),
+            "cpu_model": cpu_model(),
             "threads": torch.get_num_threads(), "bits": args.bits, "new_tokens": args.new_tokens, "reps": args.reps,
             "prompt": args.prompt, "ppl_tokens": args.ppl_tokens, "standin": args.standin,
             "calibration": None if args.standin else f"lee-train, {args.samples} x {args.calib_len} tokens", "load_avg_at_start": os.getloadavg()}

@@ -31,7 +31,8 @@ def backends() -> dict[str, str | bool | list[str]]:
     """Which kernel backends this process can use.
 
     Returns a dict: ``cpu`` (always True), ``cpu_isa`` (what the CPU kernels use now: ``"avx512"``, ``"avx2"``
-    or ``"scalar"``; ``CMPQ_CPU_SIMD`` forces one), ``cpu_isas`` (every ISA this CPU runs), ``cuda_built``
+    or ``"scalar"``, or ``"avx512-int8"`` when ``CMPQ_CPU_SIMD`` asks for it; ``CMPQ_CPU_SIMD`` forces one),
+    ``cpu_isas`` (every ISA this CPU runs), ``cuda_built``
     (the CUDA extension was compiled), ``cuda`` (built *and* a GPU is visible).
     """
     cuda_built = _C_cuda is not None

@@ -42,21 +42,25 @@ class CMPQLinear(nn.Module):
     @property
     def layer(self) -> CMPQLayer:
         """The packed layer as a :class:`CMPQLayer` view of this module's buffers (no copy)."""
-        fields = {name: buffer for name, buffer in self.named_buffers(recurse=False) if name != "bias"}
-        for name in self._fp16_fields:
-            fields[name] = fields[name].view(torch.float16)
-        return CMPQLayer.from_fields(fields, n=self.out_features, k=self.in_features, bits=self.bits,
+        return CMPQLayer.from_fields(dict(zip(LAYER_FIELDS, self._as_fields(self._layer_buffers()))),
+                                     n=self.out_features, k=self.in_features, bits=self.bits,
                                      codebook_rows=self.codebook_rows, bias=self.bias)
 
+    def _layer_buffers(self) -> tuple:
+        return tuple(self._buffers[name] for name in LAYER_FIELDS)
+
+    def _as_fields(self, buffers: tuple) -> tuple:
+        """The packed buffers as op arguments: the fp16 ones viewed back from their int16 bit patterns."""
+        return tuple(t.view(torch.float16) if name in self._fp16_fields else t for name, t in zip(LAYER_FIELDS, buffers))
+
     def _fields(self) -> tuple:
-        """The buffers as op arguments (fp16 fields viewed back from int16), cached while the buffers are the
-        same tensor objects: rebuilding them per call costs more than a small layer's kernel. ``.to()``,
-        ``.half()`` and the like replace buffers, so the identity check also catches them."""
-        buffers = tuple(self._buffers[name] for name in LAYER_FIELDS)
+        """:meth:`_as_fields`, cached while the buffers are the same tensor objects: rebuilding it per call costs
+        more than a small layer's kernel. Whatever replaces a buffer (assignment, ``.to()``,
+        ``load_state_dict(assign=True)``) changes its identity, so the check catches it."""
+        buffers = self._layer_buffers()
         cached, fields = self._op_fields
         if len(cached) != len(buffers) or any(a is not b for a, b in zip(cached, buffers)):
-            fields = tuple(t.view(torch.float16) if name in self._fp16_fields else t
-                           for name, t in zip(LAYER_FIELDS, buffers))
+            fields = self._as_fields(buffers)
             self._op_fields = (buffers, fields)
         return fields
 

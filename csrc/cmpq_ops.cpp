@@ -66,20 +66,19 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& perm, const LayerView
     const cpu::Isa isa = cpu_isa_for_call();
     if (m > kCpuDirectMaxM) {
       gemm_decode_blas(view, x_packed, y, isa);
-    } else if (isa == cpu::Isa::kAvx512Int8) {
-      cpu::Int8Activations acts;
-      cpu::quantize_activations(view, x_packed.data_ptr<float>(), view.k, static_cast<int>(m), &acts);
-      const float* xp = x_packed.data_ptr<float>();
-      float* yp = y.data_ptr<float>();
-      at::parallel_for(0, view.n, 16, [&](int64_t b, int64_t e) {
-        cpu::gemm_rows_int8(view, acts, xp, view.k, yp, view.n, static_cast<int>(b), static_cast<int>(e));
-      });
     } else {
       const float* xp = x_packed.data_ptr<float>();
       float* yp = y.data_ptr<float>();
+      // The int8 kernel's activations are quantized once per call, before the threads split the rows.
+      const bool int8 = isa == cpu::Isa::kAvx512Int8;
+      cpu::Int8Activations acts;
+      if (int8) cpu::quantize_activations(view, xp, view.k, static_cast<int>(m), &acts);
       at::parallel_for(0, view.n, 16, [&](int64_t b, int64_t e) {
-        cpu::gemm_rows(view, xp, view.k, static_cast<int>(m), yp, view.n, static_cast<int>(b), static_cast<int>(e),
-                       isa);
+        if (int8)
+          cpu::gemm_rows_int8(view, acts, xp, view.k, yp, view.n, static_cast<int>(b), static_cast<int>(e));
+        else
+          cpu::gemm_rows(view, xp, view.k, static_cast<int>(m), yp, view.n, static_cast<int>(b), static_cast<int>(e),
+                         isa);
       });
     }
   }
@@ -120,7 +119,7 @@ std::string cpu_isa() { return cpu::isa_name(cpu_isa_for_call()); }
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
-  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512, cpu::Isa::kAvx512Int8})
+  for (cpu::Isa isa : cpu::kAllIsas)
     if (cpu::supports(isa)) names.push_back(cpu::isa_name(isa));
   return names;
 }

@@ -6,7 +6,6 @@
 // them against up to kMaxTile activation rows, so each weight is decoded once per tile of batch rows.
 // Outliers are added after the dense sum. The large-batch path (bindings) decodes blocks of rows with
 // decode_rows and calls BLAS.
-#include <math.h>
 #include <string.h>
 
 #include <cmath>
@@ -69,7 +68,6 @@ struct ScalarKernel {
 };
 
 constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512-int8"};
-constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Int8};
 
 int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
 

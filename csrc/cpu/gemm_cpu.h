@@ -20,6 +20,7 @@ namespace cpu {
 // scale per token and 128 packed columns) with each row's codebook rounded to int8 (one scale per row and
 // segment) on vpdpbusd; outliers stay exact. Larger batches run the exact AVX-512 decode.
 enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Int8 };
+inline constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Int8};
 
 // Whether this CPU can run `isa` (scalar: always; avx2: avx2+fma+f16c; avx512: avx512f+avx512vl+avx512bw;
 // avx512-int8: avx512 plus avx512vnni and avx512vbmi).
