@@ -45,6 +45,11 @@ def check_in_features(k: int) -> None:
                          f"in groups of {GROUP_CODES}; pad the layer or leave it unquantized")
 
 
+def outlier_col_dtype(k: int) -> torch.dtype:
+    """dtype of the outlier column indices of a layer with ``k`` input channels (int16 while they fit)."""
+    return torch.int16 if k <= _INT16_MAX_K else torch.int32
+
+
 def segment_sizes_of(codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[int, int, int]:
     """``seg_k`` implied by packed code tensors ``[n, groups * bits]`` (memory order 4/3/2-bit)."""
     sizes = []
@@ -192,7 +197,6 @@ class CMPQLayer:
         order = np.lexsort((cols, rows))
         row_ptr = np.zeros(n + 1, dtype=np.int32)
         np.add.at(row_ptr, rows + 1, 1)
-        col_dtype = np.int16 if k <= _INT16_MAX_K else np.int32
         layer = cls(
             n=n,
             k=k,
@@ -203,7 +207,7 @@ class CMPQLayer:
             codebooks=tuple(torch.as_tensor(cb).to(torch.float16)[:, :(1 << b) if s else 0].contiguous()  # type: ignore[arg-type]
                             for cb, b, s in zip(codebooks, SEGMENT_BITS, seg_k)),
             row_ptr=torch.from_numpy(np.cumsum(row_ptr, dtype=np.int32)),
-            col=torch.from_numpy(cols[order].astype(col_dtype)),
+            col=torch.from_numpy(cols[order]).to(outlier_col_dtype(k)),
             val=vals[torch.from_numpy(order)].contiguous(),
             bias=bias,
             codebook_rows=codebook_rows,
@@ -245,7 +249,7 @@ class CMPQLayer:
             if not bool(torch.isfinite(cb).all()):
                 raise ValueError(f"codebooks[{s}] ({bits}-bit): contains NaN or Inf")
         self._check_tensor("row_ptr", self.row_ptr, torch.int32, (self.n + 1,), device)
-        col_dtype = torch.int16 if self.k <= _INT16_MAX_K else torch.int32
+        col_dtype = outlier_col_dtype(self.k)
         nnz = self.col.numel()
         self._check_tensor("col", self.col, col_dtype, (nnz,), device)
         self._check_tensor("val", self.val, torch.float16, (nnz,), device)

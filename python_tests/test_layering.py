@@ -18,7 +18,7 @@ LAYERS = (
     ("reference",),
     ("ops",),
     ("nn",),
-    ("surgery", "shards"),
+    ("surgery", "shards", "tensor_parallel"),
     ("quantize",),
     ("checkpoint",),
     ("hf", "models", "from_disk"),
