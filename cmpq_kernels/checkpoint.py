@@ -220,6 +220,13 @@ def read_quantization_config(directory: str) -> tuple[dict, dict]:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object")
     qconfig = config.pop("quantization_config", None)
+    check_quantization_config(qconfig, path)
+    return config, qconfig
+
+
+def check_quantization_config(qconfig: Any, path: str) -> None:
+    """Raise ``ValueError`` (prefixed by ``path``) unless ``qconfig`` is a ``quantization_config`` this build reads:
+    quant_method, format_version, one well-typed entry per module, the ``tied`` map."""
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{path}: no quantization_config with quant_method '{QUANT_METHOD}'; not a CMPQ checkpoint")
     version = qconfig.get("format_version")
@@ -233,7 +240,6 @@ def read_quantization_config(directory: str) -> tuple[dict, dict]:
     tied = qconfig.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
         raise ValueError(f"{path}: quantization_config.tied must map tensor names to tensor names, got {tied!r:.80}")
-    return config, qconfig
 
 
 #: what save_quantized writes per module, by JSON type (bool is excluded from the numbers: true == 1 in Python).

@@ -50,6 +50,13 @@ def outlier_col_dtype(k: int) -> torch.dtype:
     return torch.int16 if k <= _INT16_MAX_K else torch.int32
 
 
+def field_dtype(field: str, k: int) -> torch.dtype:
+    """dtype of packed tensor ``field`` (a :data:`LAYER_FIELDS` name) of a layer with ``k`` input channels."""
+    if field.startswith("codebook") or field == "val":
+        return torch.float16
+    return outlier_col_dtype(k) if field == "col" else torch.int32
+
+
 def segment_sizes_of(codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[int, int, int]:
     """``seg_k`` implied by packed code tensors ``[n, groups * bits]`` (memory order 4/3/2-bit)."""
     sizes = []
@@ -235,24 +242,23 @@ class CMPQLayer:
         if len(self.seg_k) != 3 or any(s < 0 or s % GROUP_CODES for s in self.seg_k) or sum(self.seg_k) != self.k:
             raise ValueError(f"seg_k: need three multiples of {GROUP_CODES} summing to k={self.k}, got {self.seg_k}")
         device = self.perm.device  # a tensor: checked by _check_field_types
-        self._check_tensor("perm", self.perm, torch.int32, (self.k,), device)
+        self._check_tensor("perm", self.perm, field_dtype("perm", self.k), (self.k,), device)
         perm = self.perm.cpu()
         if not torch.equal(torch.sort(perm.long()).values, torch.arange(self.k)):
             raise ValueError(f"perm: is not a permutation of range({self.k})")
         codebook_count = -(-self.n // self.codebook_rows)
         for s, bits in enumerate(SEGMENT_BITS):
-            self._check_tensor(f"codes[{s}] ({bits}-bit)", self.codes[s], torch.int32,
+            self._check_tensor(f"codes[{s}] ({bits}-bit)", self.codes[s], field_dtype(f"codes{bits}", self.k),
                                (self.n, self.seg_k[s] // GROUP_CODES * bits), device)
             cb = self.codebooks[s]
             width = (1 << bits) if self.seg_k[s] else 0  # an empty segment stores no codebook
-            self._check_tensor(f"codebooks[{s}] ({bits}-bit)", cb, torch.float16, (codebook_count, width), device)
+            self._check_tensor(f"codebooks[{s}] ({bits}-bit)", cb, field_dtype(f"codebook{bits}", self.k), (codebook_count, width), device)
             if not bool(torch.isfinite(cb).all()):
                 raise ValueError(f"codebooks[{s}] ({bits}-bit): contains NaN or Inf")
-        self._check_tensor("row_ptr", self.row_ptr, torch.int32, (self.n + 1,), device)
-        col_dtype = outlier_col_dtype(self.k)
+        self._check_tensor("row_ptr", self.row_ptr, field_dtype("row_ptr", self.k), (self.n + 1,), device)
         nnz = self.col.numel()
-        self._check_tensor("col", self.col, col_dtype, (nnz,), device)
-        self._check_tensor("val", self.val, torch.float16, (nnz,), device)
+        self._check_tensor("col", self.col, field_dtype("col", self.k), (nnz,), device)
+        self._check_tensor("val", self.val, field_dtype("val", self.k), (nnz,), device)
         row_ptr = self.row_ptr.cpu().long()
         if row_ptr[0] != 0 or row_ptr[-1] != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
             raise ValueError(f"row_ptr: must start at 0, be non-decreasing and end at nnz={nnz}")

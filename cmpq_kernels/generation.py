@@ -55,5 +55,6 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]
     decode = (len(streamer.times) - 1) / (streamer.times[-1] - streamer.times[0]) if len(streamer.times) > 1 else None
-    return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": int(new.numel()),
+    return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new.tolist(),
+            "new_tokens": int(new.numel()),
             "seconds": seconds, "tokens_per_s": new.numel() / seconds, "decode_tokens_per_s": decode}

@@ -17,7 +17,7 @@ A fused layer (qkv, gate_up) is one matrix only if its parts share one input-cha
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,26 +49,31 @@ def slice_rows(layer: CMPQLayer, start: int, size: int) -> CMPQLayer:
     ).validate()
 
 
-def concat_rows(parts: Sequence[CMPQLayer]) -> CMPQLayer:
-    """Stack layers that share one input (same ``perm``, segments and codebook grouping) along ``n``.
-
-    Raises ``ValueError`` when the parts were quantized with different permutations: such parts cannot be one
-    matrix and must run as separate products.
-    """
+def fusion_problem(parts: Sequence[CMPQLayer]) -> Optional[str]:
+    """Why ``parts`` cannot be stacked into one layer by :func:`concat_rows`, or None when they can."""
     first = parts[0]
     for i, part in enumerate(parts[1:], 1):
         if part.k != first.k or part.seg_k != first.seg_k or not torch.equal(part.perm, first.perm):
-            raise ValueError(f"part {i} has another input permutation than part 0 (seg_k {part.seg_k} vs "
-                             f"{first.seg_k}): only layers quantized with one shared permutation can be fused")
+            return (f"part {i} has another input permutation than part 0 (seg_k {part.seg_k} vs {first.seg_k}): "
+                    "only layers quantized with one shared permutation can be fused")
         if part.codebook_rows != first.codebook_rows:
-            raise ValueError(f"part {i} shares a codebook per {part.codebook_rows} rows, part 0 per "
-                             f"{first.codebook_rows}")
+            return f"part {i} shares a codebook per {part.codebook_rows} rows, part 0 per {first.codebook_rows}"
     for i, part in enumerate(parts[:-1]):
         if part.n % part.codebook_rows:
-            raise ValueError(f"part {i} has {part.n} rows, not a multiple of codebook_rows={part.codebook_rows}: "
-                             "stacking it would shift the codebook rows of the parts after it")
+            return (f"part {i} has {part.n} rows, not a multiple of codebook_rows={part.codebook_rows}: stacking it "
+                    "would shift the codebook rows of the parts after it")
     if len({p.bias is None for p in parts}) > 1:
-        raise ValueError("either every part has a bias or none has")
+        return "either every part has a bias or none has"
+    return None
+
+
+def concat_rows(parts: Sequence[CMPQLayer]) -> CMPQLayer:
+    """Stack layers that share one input (same ``perm``, segments and codebook grouping) along ``n``; raises
+    ``ValueError`` saying why (:func:`fusion_problem`) when they cannot be one matrix."""
+    problem = fusion_problem(parts)
+    if problem:
+        raise ValueError(problem)
+    first = parts[0]
     offsets = np.cumsum([0] + [p.nnz for p in parts[:-1]])
     n = sum(p.n for p in parts)
     return dataclasses.replace(

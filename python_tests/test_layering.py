@@ -21,7 +21,7 @@ LAYERS = (
     ("surgery", "shards", "tensor_parallel"),
     ("quantize",),
     ("checkpoint",),
-    ("hf", "models", "from_disk"),
+    ("hf", "models", "from_disk", "vllm"),
     ("corpora", "perplexity", "generation", "inspection"),
     ("cli",),
 )

@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from cmpq_kernels import CMPQLinear  # noqa: E402
 from cmpq_kernels.quantize import calibrate, calibration_ids, find_blocks, quantize_model  # noqa: E402
+from cmpq_kernels.quantize.model import input_groups  # noqa: E402
 
 VOCAB = 256
 
@@ -144,3 +145,35 @@ def test_unsupported_models_and_options_raise():
         quantize_model(tiny_llama(), calibration_tokens(), 3.0, budget="global", allocator="cmpq", progress=False)
     with pytest.raises(ValueError, match="bits must be"):
         quantize_model(tiny_llama(), calibration_tokens(), 4.5, progress=False)
+
+
+def _perms(model: nn.Module, block: str) -> dict[str, torch.Tensor]:
+    return {n.rpartition(".")[2]: m.perm for n, m in model.named_modules() if isinstance(m, CMPQLinear)
+            and n.startswith(block)}
+
+
+@pytest.mark.parametrize("budget", ["layer", "global"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_layers_reading_one_input_share_one_permutation(arch, budget):
+    """q/k/v and gate/up get one allocation (fusable by serving stacks); with sharing off, greedy allocates each
+    layer from its own weights and the permutations part."""
+    perms = {}
+    for share in (True, False):
+        model = MODELS[arch]()
+        quantize_model(model, calibration_tokens(), 2.5, n_samples=8, seq_len=64, progress=False, budget=budget,
+                       share_input_widths=share)
+        perms[share] = _perms(model, f"{find_blocks(model)[0]}.0.")
+    shared, alone = perms[True], perms[False]
+    groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    for group in groups:
+        assert all(torch.equal(shared[group[0]], shared[name]) for name in group[1:]), group
+    assert not all(torch.equal(alone[g[0]], alone[name]) for g in groups for name in g[1:])
+
+
+def test_input_groups_are_the_layers_fed_one_tensor():
+    model = tiny_llama()
+    stats = calibrate(model, calibration_tokens(), n_samples=4, seq_len=64, show_progress=False)
+    block = [n for n in stats if ".layers.0." in n]
+    groups = {tuple(sorted(n.rpartition(".")[2] for n in g)) for g in input_groups(block, stats, share=True)}
+    assert groups == {("k_proj", "q_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)}
+    assert all(len(g) == 1 for g in input_groups(block, stats, share=False))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from ..format import GROUP_CODES, check_in_features
 from ..nn import CMPQLinear
 from ..progress import progress as progress_iter
 from ..surgery import replace_module
-from .allocate import channel_scores, check_bits, group_upgrade_gains, select_upgrades, widths_from_upgrades
+from .allocate import (allocate, channel_scores, check_bits, group_upgrade_gains, select_upgrades,
+                       widths_from_upgrades)
 from .calibrate import (Calibration, LayerStats, StatsAccumulator, block_stats, calibrate, calibration_ids,
                         capture_block_inputs, find_blocks, linear_layers, run_block)
 from .layer import quantize_weight
@@ -95,22 +96,55 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float) -> dict[str, torch.Tensor]:
+def input_groups(names: Iterable[str], stats: dict[str, LayerStats], share: bool) -> list[list[str]]:
+    """``names`` grouped by shared input (q/k/v, gate/up): layers whose input statistics are equal bit for bit were
+    fed the same tensor. Each layer alone when ``share`` is False."""
+    groups: list[list[str]] = []
+    for name in names:
+        group = next((g for g in groups if share and torch.equal(stats[g[0]].s2, stats[name].s2)), None)
+        if group is None:
+            groups.append([name])
+        else:
+            group.append(name)
+    return groups
+
+
+def _stacked_weight(linears: dict[str, nn.Linear], group: list[str]) -> torch.Tensor:
+    return torch.cat([linears[name].weight.detach().float().cpu() for name in group])
+
+
+def shared_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float,
+                  allocator: str) -> dict[str, torch.Tensor]:
+    """One allocation per group of layers reading the same input, from their stacked weights (so the group shares
+    one permutation and can be served as one fused matrix); single layers are left to the layer quantizer."""
+    widths = {}
+    for group in input_groups(linears, stats, share=True):
+        if len(group) > 1:
+            widths.update(dict.fromkeys(group, allocate(stats[group[0]].s2, _stacked_weight(linears, group), bits,
+                                                         allocator)))
+    return widths
+
+
+def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float,
+                  share: bool) -> dict[str, torch.Tensor]:
     """Greedy widths for all layers at once so the model-wide average code width meets ``bits``.
 
     Upgrade candidates of every layer compete on estimated output error saved
-    (``s2 * ||W[:, k]||^2 * 4^-b``, comparable across layers) per stored bit.
+    (``s2 * ||W[:, k]||^2 * 4^-b``, comparable across layers) per stored bit. With ``share``, layers reading
+    the same input compete as one stacked layer and get one allocation.
     """
     bits = check_bits(bits)
-    orders, gains, costs = {}, [], []
-    for name, lin in linears.items():
-        w = lin.weight.detach().float().cpu()
-        orders[name], g = group_upgrade_gains(channel_scores(stats[name].s2, w))
+    groups = input_groups(linears, stats, share)
+    orders, gains, costs = [], [], []
+    for group in groups:
+        w = _stacked_weight(linears, group)
+        order, g = group_upgrade_gains(channel_scores(stats[group[0]].s2, w))
+        orders.append(order)
         gains.append(g)
         costs.append(float(GROUP_CODES * w.shape[0]))
     budget = (bits - 2.0) * sum(lin.weight.numel() for lin in linears.values())
     upgrades = select_upgrades(gains, costs, budget)
-    return {name: widths_from_upgrades(orders[name], u) for name, u in zip(linears, upgrades)}
+    return {name: widths_from_upgrades(order, u) for group, order, u in zip(groups, orders, upgrades) for name in group}
 
 
 def cmpq_layer_quantizer(bits: float, options: QuantOptions) -> LayerQuantizer:
@@ -217,7 +251,7 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     if opts.budget == "global":
         fp_stats = calibrate(model, [ids], n_samples=n_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                              show_progress=progress)
-        widths = global_widths(linear_layers(blocks, f"{path}."), fp_stats, bits)
+        widths = global_widths(linear_layers(blocks, f"{path}."), fp_stats, bits, opts.share_input_widths)
         times["allocate"] = time.perf_counter() - start
     t = time.perf_counter()
     inputs = capture_block_inputs(model, blocks, ids, batch_size)
@@ -229,7 +263,10 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
         stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=opts.error_feedback)
         times["statistics"] += time.perf_counter() - t
         t = time.perf_counter()
-        _quantize_linears(model, linear_layers(block, f"{path}.{i}."), stats, bits, quantizer, widths, records)
+        linears = linear_layers(block, f"{path}.{i}.")
+        if opts.share_input_widths and opts.budget == "layer":
+            widths = shared_widths(linears, stats, bits, opts.allocator)
+        _quantize_linears(model, linears, stats, bits, quantizer, widths, records)
         times["quantize"] += time.perf_counter() - t
         t = time.perf_counter()
         inputs.states = run_block(block, inputs, i)

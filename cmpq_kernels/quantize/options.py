@@ -39,6 +39,9 @@ class QuantOptions:
     feedback_order: str = _option("act", "column order of the error feedback: 'act' (descending Hessian "
                                          "diagonal) or 'packed' (segment order [4|3|2])")
     kmeans_iters: int = _option(20, "Lloyd iteration cap per codebook fit")
+    share_input_widths: bool = _option(True, "layers reading the same input (q/k/v, gate/up) get one channel "
+                                             "allocation and permutation, so a serving stack can run them as one "
+                                             "fused matrix (vLLM); False allocates each layer alone")
 
     def __post_init__(self) -> None:
         _choice("allocator", self.allocator, ALLOCATORS)
@@ -50,8 +53,9 @@ class QuantOptions:
         _count("kmeans_iters", self.kmeans_iters)
         _fraction("p_act", self.p_act)
         _fraction("p_err", self.p_err)
-        if not isinstance(self.error_feedback, bool):
-            raise ValueError(f"error_feedback must be True or False, got {self.error_feedback!r}")
+        for name in ("error_feedback", "share_input_widths"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def with_overrides(self, **overrides: Any) -> "QuantOptions":
         """A copy with some fields replaced; ``TypeError`` names an unknown option."""
