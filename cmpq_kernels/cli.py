@@ -68,7 +68,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     eval_text = read_text(args.eval) if args.eval else None
     torch.set_num_threads(args.threads or torch.get_num_threads())
     options = QuantOptions(allocator=args.allocator, budget=args.budget, codebook_rows=args.codebook_rows,
-                           error_feedback=not args.no_error_feedback)
+                           error_feedback=not args.no_error_feedback,
+                           share_input_widths=not args.no_share_input_widths)
     calib = dict(n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     summary: dict[str, Any] = {"model": args.model}
     if is_model_directory(args.model):  # block by block from its files: the FP model is never loaded whole
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-error-feedback", action="store_true", help="skip GPTQ-style error feedback (on by default)")
+    q.add_argument("--no-share-input-widths", action="store_true",
+                   help="allocate q/k/v and gate/up each alone (they then cannot be fused by vLLM; sharing is on by "
+                        "default)")
     q.add_argument("--eval", help="also report FP vs quantized perplexity on this text")
     q.add_argument("--eval-seq-len", type=int, default=512)
     q.add_argument("--eval-tokens", type=int, default=16384, help="evaluation token budget (default 16384)")
