@@ -477,13 +477,11 @@ def iteration_cost(cfg: ControlFlow, loop: Loop, must_pass: Sequence[int] = (),
         elif node not in costs:
             costs[node] = inner_cost(inner[node[1]])
     edges: dict[tuple, set[tuple]] = {node: set() for node in costs}
-    sinks = set()
     for b in loop.blocks:
         for s in cfg.blocks[b].successors:
-            if s == loop.header:
-                sinks.add(node_of[b])
-            elif s in loop.blocks and node_of[s] != node_of[b]:
+            if s != loop.header and s in loop.blocks and node_of[s] != node_of[b]:
                 edges[node_of[b]].add(node_of[s])
+    sinks = {node_of[b] for b in loop.latches}
     order = _topological(edges)
     waypoints = [node_of[loop.header], *(node_of[b] for b in must_pass)]
     total: Counter = Counter()
@@ -516,9 +514,7 @@ def _cheapest(order: list[tuple], edges: dict[tuple, set[tuple]], costs: dict[tu
         raise PathError(f"a required node {start} is excluded")
     best: dict[tuple, Counter] = {start: costs[start] if first else Counter()}
     for node in order[order.index(start):]:
-        if node not in best:
-            continue
-        if node in goals:
+        if node not in best or node in goals:
             continue
         for t in edges[node]:
             if costs[t] is None:
