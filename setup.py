@@ -5,6 +5,9 @@ Switches (environment):
                         it cannot be built).
   CMPQ_CUDA_ARCHS       semicolon list of SM targets for explicit -gencode flags, default "80;86;89;90a".
                         Always explicit: without a visible GPU, torch's automatic arch list fails.
+  CMPQ_CUDA_PTX         virtual arch also embedded as PTX, which the driver JIT-compiles on GPUs newer than
+                        every SM target, default "90" (empty: none). Not "90a": arch-specific PTX runs on
+                        that SM only.
 """
 import glob
 import os
@@ -44,7 +47,9 @@ def want_cuda() -> bool:
 
 def gencode_flags() -> list[str]:
     archs = [a.strip() for a in os.environ.get("CMPQ_CUDA_ARCHS", "80;86;89;90a").split(";") if a.strip()]
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ptx = os.environ.get("CMPQ_CUDA_PTX", "90").strip()
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs] + \
+        ([f"-gencode=arch=compute_{ptx},code=compute_{ptx}"] if ptx else [])
 
 
 ext_modules = [

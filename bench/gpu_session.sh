@@ -18,7 +18,7 @@
 # Environment: OUT (default: new temp dir); CMPQ_SESSION_BUDGET seconds for the whole call (default 540: the
 # device tool stops a command at 600 s; lower it if `status` shows less device time); CMPQ_BENCH_SECONDS
 # (cap for the benchmark, default 300); CMPQ_BENCH_ARGS (extra bench_gpu.py flags, e.g. "--quick");
-# CMPQ_CUDA_ARCHS (default 90a); PYTHON (default python); CMPQ_CHECK_DEVICE=cpu and CMPQ_CHECK_SMALL=1 run the
+# CMPQ_CUDA_ARCHS (default 90a); CMPQ_CUDA_PTX (default empty); PYTHON (default python); CMPQ_CHECK_DEVICE=cpu and CMPQ_CHECK_SMALL=1 run the
 # check phase on the CPU with small shapes (how the CPU test suite exercises this script).
 set -u
 
@@ -79,7 +79,7 @@ phase_info() {
 phase_build() {
   step "build: CMPQ_FORCE_CUDA=1 CMPQ_CUDA_ARCHS=${CMPQ_CUDA_ARCHS:-90a} pip install -v -e . --no-build-isolation --no-deps"
   local t0 rc limit; t0=$(date +%s)
-  export CMPQ_FORCE_CUDA=1 CMPQ_CUDA_ARCHS=${CMPQ_CUDA_ARCHS:-90a}
+  export CMPQ_FORCE_CUDA=1 CMPQ_CUDA_ARCHS=${CMPQ_CUDA_ARCHS:-90a} CMPQ_CUDA_PTX=${CMPQ_CUDA_PTX-}  # no JIT PTX: saves build time
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
   limit=$(clamp $(( $(remaining) - 120 )) 60 360)

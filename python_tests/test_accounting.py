@@ -1,6 +1,10 @@
 """Bit accounting (effective_bits, code_bits, reprs) and backends()."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -45,5 +49,26 @@ def test_backends(monkeypatch):
     assert info["cpu_isa"] in {"avx512", "avx2", "scalar"} and info["cpu_isa"] == exact[-1]
     assert info["cpu_isas"][0] == "scalar"
     assert isinstance(info["cuda_built"], bool) and isinstance(info["cuda"], bool)
+    assert (info["cuda_error"] is None) == info["cuda"]
+    if not info["cuda_built"]:
+        assert info["cuda_error"].startswith("not built")
     monkeypatch.setenv("CMPQ_CPU_SIMD", "0")  # the override is read on every call
     assert cmpq_kernels.backends()["cpu_isa"] == "scalar"
+
+
+def test_backends_reports_why_the_cuda_extension_did_not_load():
+    """A built extension the loader refuses (here: a finder that raises like a missing libcudart) is named with
+    its import error, not just cuda: False."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'cmpq_kernels._C_cuda':\n"
+        "            raise ImportError('libcudart.so.13: cannot open shared object file')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import cmpq_kernels\n"
+        "info = cmpq_kernels.backends()\n"
+        "print(info['cuda'], info['cuda_error'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(cmpq_kernels.__file__).parent.parent).stdout
+    assert out.strip() == "False ImportError: libcudart.so.13: cannot open shared object file"
