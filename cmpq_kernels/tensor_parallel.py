@@ -1,4 +1,4 @@
-"""Tensor-parallel shards of a CMPQ layer, and fused layers, computed from the packed format (docs/DESIGN.md §9).
+"""Tensor-parallel shards of a CMPQ layer, and fused layers, computed from the packed format (docs/DESIGN.md §10).
 
 Serving stacks split a linear two ways; both are exact re-arrangements of the stored codes, done once at load
 time, so one checkpoint serves every tensor-parallel size:

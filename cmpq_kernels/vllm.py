@@ -1,4 +1,4 @@
-"""Serve CMPQ checkpoints with vLLM: a quantization plugin registered as ``"cmpq"`` (docs/DESIGN.md §9).
+"""Serve CMPQ checkpoints with vLLM: a quantization plugin registered as ``"cmpq"`` (docs/DESIGN.md §10).
 
 Installed with the package, the ``vllm.general_plugins`` entry point calls :func:`register` in every vLLM
 process, so a checkpoint written by :func:`cmpq_kernels.save_quantized` serves with no import::
