@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cmpq_kernels"
 
 #: lowest first; a module may import from its own layer or any layer before it.
 LAYERS = (
-    ("progress", "format"),
-    ("reference",),
+    ("progress", "format", "mixllm_format"),
+    ("reference", "mixllm_reference"),
     ("ops",),
     ("nn",),
     ("surgery", "shards"),
