@@ -93,7 +93,7 @@ def make_mixllm_layer(n: int, k: int, n8: int, bias: Optional[torch.dtype] = Non
     gen = torch.Generator().manual_seed(seed)
     g = groups_of(k)
     rows = torch.randperm(n, generator=gen)
-    scale = lambda count: (torch.rand(count, g, generator=gen) * 2 ** torch.randint(-12, -4, (count, g), generator=gen))  # noqa: E731
+    scale = lambda count: (torch.rand(count, g, generator=gen) * 2.0 ** torch.randint(-12, -4, (count, g), generator=gen).float())  # noqa: E731
     bias_t = None if bias is None else torch.randn(n, generator=gen).to(bias)
     return MixLLMLayer.from_codes(idx8=rows[:n8], q8=torch.randint(-127, 128, (n8, k), generator=gen), s8=scale(n8),
                                   idx4=rows[n8:], q4=torch.randint(0, 16, (n - n8, k), generator=gen),
