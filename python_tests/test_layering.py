@@ -17,7 +17,7 @@ LAYERS = (
     ("progress", "format", "mixllm_format"),
     ("reference", "mixllm_reference"),
     ("ops",),
-    ("nn",),
+    ("nn", "mixllm_nn"),
     ("surgery", "shards"),
     ("quantize",),
     ("checkpoint",),

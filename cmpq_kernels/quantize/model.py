@@ -27,7 +27,8 @@ from .layer import quantize_weight
 from .options import QuantOptions
 
 #: ``(name, linear, stats, widths or None) -> (replacement module, report fields)``; the fields must
-#: include ``code_bits``, ``effective_bits`` and ``nnz``. Lets baselines share the calibration pipeline.
+#: include ``code_bits``, ``effective_bits`` and ``nnz`` (and may override ``bits``). A ``None`` module leaves the
+#: layer in floating point, unreported. Lets baselines and MixLLM share the calibration pipeline.
 LayerQuantizer = Callable[[str, nn.Linear, LayerStats, Optional[torch.Tensor]], tuple[nn.Module, dict]]
 
 
@@ -163,6 +164,8 @@ def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dic
             module, info = quantizer(name, lin, stats[name], widths.get(name))
         except ValueError as err:  # say which layer: the quantizer sees only a weight and its statistics
             raise ValueError(f"{name}: {err}") from err
+        if module is None:  # the quantizer leaves this layer in floating point
+            continue
         replace_module(root, name, module)
         records.append({"name": name, "shape": [lin.out_features, lin.in_features], "bits": bits, **info,
                         "seconds": time.perf_counter() - start})
@@ -202,7 +205,6 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     if hooks is not None and (opts.budget == "global" or quantize_lm_head):
         raise ValueError("budget='global' and quantize_lm_head need the whole model in memory; they are not "
                          "available block by block (from a checkpoint directory)")
-    hooks = hooks or BlockHooks()
     times = {"capture": 0.0, "allocate": 0.0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
     start = time.perf_counter()
     ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
@@ -219,23 +221,8 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
                              show_progress=progress)
         widths = global_widths(linear_layers(blocks, f"{path}."), fp_stats, bits)
         times["allocate"] = time.perf_counter() - start
-    t = time.perf_counter()
-    inputs = capture_block_inputs(model, blocks, ids, batch_size)
-    times["capture"] = time.perf_counter() - t
-    records: list[dict] = []
-    for i, block in enumerate(progress_iter(blocks, "quantize blocks", total=len(blocks), enabled=progress)):
-        t = time.perf_counter()
-        hooks.load(i, block)
-        stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=opts.error_feedback)
-        times["statistics"] += time.perf_counter() - t
-        t = time.perf_counter()
-        _quantize_linears(model, linear_layers(block, f"{path}.{i}."), stats, bits, quantizer, widths, records)
-        times["quantize"] += time.perf_counter() - t
-        t = time.perf_counter()
-        inputs.states = run_block(block, inputs, i)
-        hooks.done(i, block)
-        times["propagate"] += time.perf_counter() - t
-    del inputs
+    records = quantize_blocks(model, ids, quantizer, bits, times, widths=widths, hessian=opts.error_feedback,
+                              batch_size=batch_size, progress=progress, hooks=hooks)
     if quantize_lm_head:
         t = time.perf_counter()
         _quantize_lm_head(model, ids, bits, quantizer, opts.error_feedback, batch_size, records)
@@ -245,6 +232,34 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
                 "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": seed},
                 "quantize_lm_head": quantize_lm_head, "custom_layer_quantizer": layer_quantizer is not None}
     return QuantReport(bits, records, times, settings)
+
+
+def quantize_blocks(model: nn.Module, ids: torch.Tensor, quantizer: LayerQuantizer, bits: float,
+                    times: dict[str, float], *, widths: Optional[dict[str, torch.Tensor]] = None, hessian: bool = True,
+                    batch_size: int = 8, progress: bool = True, hooks: Optional[BlockHooks] = None) -> list[dict]:
+    """The block-by-block pipeline every method shares (docs/DESIGN.md §1.1): per decoder block, activation
+    statistics of its linears (``X^T X`` too when ``hessian``) over the calibration windows ``ids``, each linear
+    through ``quantizer``, then the quantized block run to make the next block's inputs. Adds its stage times to
+    ``times``; returns one report record per replaced layer."""
+    hooks = hooks or BlockHooks()
+    path, blocks = find_blocks(model)
+    t = time.perf_counter()
+    inputs = capture_block_inputs(model, blocks, ids, batch_size)
+    times["capture"] = times.get("capture", 0.0) + time.perf_counter() - t
+    records: list[dict] = []
+    for i, block in enumerate(progress_iter(blocks, "quantize blocks", total=len(blocks), enabled=progress)):
+        t = time.perf_counter()
+        hooks.load(i, block)
+        stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=hessian)
+        times["statistics"] = times.get("statistics", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        _quantize_linears(model, linear_layers(block, f"{path}.{i}."), stats, bits, quantizer, widths or {}, records)
+        times["quantize"] = times.get("quantize", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        inputs.states = run_block(block, inputs, i)
+        hooks.done(i, block)
+        times["propagate"] = times.get("propagate", 0.0) + time.perf_counter() - t
+    return records
 
 
 def _output_projection(model: nn.Module) -> tuple[str, nn.Linear]:
