@@ -20,7 +20,7 @@ LAYERS = (
     ("nn", "mixllm_nn"),
     ("surgery", "shards"),
     ("quantize",),
-    ("checkpoint",),
+    ("checkpoint", "mixllm_checkpoint"),
     ("hf", "models", "from_disk"),
     ("corpora", "perplexity", "generation", "inspection"),
     ("cli",),
