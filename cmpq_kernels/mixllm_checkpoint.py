@@ -11,12 +11,13 @@ A checkpoint is a directory::
                          "<module>.bias", every other tensor under its own name (or shards + index)
 
 A checkpoint of another method (or a MixLLM one given to :func:`cmpq_kernels.load_quantized`) is refused with a
-``ValueError`` naming the loader to use. Loading through transformers' ``from_pretrained`` is not built yet.
+``ValueError`` naming the loader to use. ``import cmpq_kernels.hf`` also lets transformers' ``from_pretrained``
+load it (:mod:`.hf`).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Container, Optional
 
 import torch
 from torch import nn
@@ -112,7 +113,9 @@ def read_mixllm_config(directory: str) -> tuple[dict, dict]:
     return config, qconfig
 
 
-def _check_keys(header: dict, modules: dict) -> None:
+def check_keys(header: Container[str], modules: dict) -> None:
+    """The file's tensor names hold every field (and a bias exactly when the config says so) of every listed module,
+    and no quantized tensor of an unlisted one."""
     stray = sorted(k for k in header if (INFIX in k and k.rpartition(INFIX)[0] not in modules) or ".cmpq." in k)
     if stray:
         raise ValueError(f"tensors of modules not in quantization_config: {', '.join(stray[:5])}")
@@ -126,8 +129,15 @@ def _check_keys(header: dict, modules: dict) -> None:
 
 
 def _load_layer(files: TensorFiles, name: str, entry: dict) -> MixLLMLayer:
-    fields = {f: files.get(f"{name}{INFIX}{f}") for f in LAYER_FIELDS}
-    bias = files.get(f"{name}.bias") if entry["bias"] else None
+    keys = [f"{name}{INFIX}{f}" for f in LAYER_FIELDS] + ([f"{name}.bias"] if entry["bias"] else [])
+    return layer_from_tensors(name, entry, {key: files.get(key) for key in keys})
+
+
+def layer_from_tensors(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> MixLLMLayer:
+    """The validated layer of module ``name`` from its checkpoint tensors (``<name>.mixllm.<field>``, and
+    ``<name>.bias`` when ``entry`` says so); ``ValueError`` naming the module and the problem otherwise."""
+    fields = {f: tensors[f"{name}{INFIX}{f}"] for f in LAYER_FIELDS}
+    bias = tensors[f"{name}.bias"] if entry["bias"] else None
     try:
         layer = MixLLMLayer.from_fields(fields, n=entry["out_features"], k=entry["in_features"], bias=bias).validate()
     except ValueError as err:
@@ -143,7 +153,7 @@ def read_mixllm_layers(directory: str, verify: bool = True) -> tuple[dict, dict[
     if verify:
         verify_weights(directory, qconfig)
     with TensorFiles(directory) as files:
-        _check_keys(files.header, qconfig["modules"])
+        check_keys(files.header, qconfig["modules"])
         return qconfig, {name: _load_layer(files, name, entry) for name, entry in qconfig["modules"].items()}
 
 
@@ -162,7 +172,7 @@ def load_mixllm(directory: str, *, device: str | torch.device = "cpu", verify: b
     modules, tied = qconfig["modules"], qconfig.get("tied", {})
     with TensorFiles(directory) as files:
         model = build_skeleton(config, model_dtype(d for k, (_, d) in files.header.items() if INFIX not in k))
-        _check_keys(files.header, modules)
+        check_keys(files.header, modules)
         for name, entry in modules.items():
             check_target(model, name, entry)
         plain = plain_tensors(model, modules, tied)

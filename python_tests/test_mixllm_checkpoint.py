@@ -102,3 +102,20 @@ def test_edited_config_is_refused(saved, tmp_path, change, message):
     edit_config(directory, change)
     with pytest.raises(ValueError, match=message):
         load_mixllm(str(directory), verify=False)
+
+
+def test_from_pretrained_gives_the_load_mixllm_model(saved, tmp_path):
+    import transformers
+
+    import cmpq_kernels.hf  # noqa: F401  (registers "mixllm" with transformers)
+
+    directory = saved[1]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(directory))
+    reference = load_mixllm(str(directory))
+    assert torch.equal(logits(model), logits(reference))
+    assert [m.act_bits for m in model.modules() if isinstance(m, MixLLMLinear)] == \
+        [m.act_bits for m in reference.modules() if isinstance(m, MixLLMLinear)]
+    broken = copy_of(saved, tmp_path)
+    edit_config(broken, lambda q: next(iter(q["modules"].values())).update(rows_8bit=10**6))
+    with pytest.raises(ValueError):
+        transformers.AutoModelForCausalLM.from_pretrained(str(broken))
