@@ -31,7 +31,10 @@ constexpr int kKAlign = 32;   // K must be a multiple of this: the narrowest par
 constexpr int kActMax = 127;  // symmetric int8 range of codes and activations: [-127, 127]
 
 inline int64_t groups_of(int64_t k) { return (k + kGroup - 1) / kGroup; }
-inline int group_width(int64_t k, int g) { return static_cast<int>(k - static_cast<int64_t>(g) * kGroup < kGroup ? k - static_cast<int64_t>(g) * kGroup : kGroup); }
+inline int group_width(int64_t k, int g) {
+  const int64_t left = k - static_cast<int64_t>(g) * kGroup;
+  return static_cast<int>(left < kGroup ? left : kGroup);
+}
 inline int64_t nibble_bytes(int64_t count) { return (count + 1) / 2; }
 
 // Element i of a nibble-packed array (q4 along K, z4 along the groups).

@@ -32,7 +32,7 @@ from ..mixllm_nn import MixLLMLinear
 from ..progress import progress as progress_iter
 from .calibrate import Calibration, LayerStats, calibration_ids, find_blocks, linear_layers
 from .gptq import DEFAULT_DAMP, quantize_with_feedback
-from .model import LayerQuantizer, QuantReport, _check_finite, _check_linears, _check_token_ids, quantize_blocks
+from .model import LayerQuantizer, QuantReport, check_finite, check_token_ids, quantize_blocks
 
 DEFAULT_P = 10.0
 MIN_DIM = 64
@@ -300,9 +300,13 @@ def quantize_model_mixllm(model: nn.Module, calibration: Calibration, p: float =
     linears = {name: lin for name, lin in linear_layers(blocks, f"{path}.").items() if eligible(lin, min_dim)}
     if not linears:
         raise ValueError(f"no decoder linear has min(out_features, in_features) > {min_dim}: nothing to quantize")
-    _check_linears(linears)  # every check before the first layer is replaced
-    _check_finite(model)
-    _check_token_ids(model, ids)
+    for name, lin in linears.items():  # every check runs before the first layer is replaced
+        try:
+            check_in_features(lin.in_features)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    check_finite(model)
+    check_token_ids(model, ids)
     p = check_p(p)
     salience = channel_salience(model, linears, ids, salience_batch_size, progress)
     eight_bit = select_eight_bit(salience, p)

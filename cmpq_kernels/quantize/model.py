@@ -136,7 +136,7 @@ def _check_linears(linears: dict[str, nn.Linear]) -> None:
             raise ValueError(f"{name}: {err}") from None
 
 
-def _check_finite(model: nn.Module) -> None:
+def check_finite(model: nn.Module) -> None:
     """Refuse NaN/Inf parameters up front, by name: later they surface only as NaN statistics, mid-way."""
     for name, param in model.named_parameters():
         if not param.is_floating_point() or param.is_meta:
@@ -145,7 +145,7 @@ def _check_finite(model: nn.Module) -> None:
             raise ValueError(f"{name}: contains NaN or Inf; cannot quantize a model with non-finite weights")
 
 
-def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
     """Calibration ids past the embedding table (a tokenizer of another model) would fail with a bare IndexError."""
     try:
         vocab = model.get_input_embeddings().num_embeddings
@@ -213,8 +213,8 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     _check_linears(linear_layers(blocks, f"{path}."))
     if quantize_lm_head:
         _output_projection(model)
-    _check_finite(model)
-    _check_token_ids(model, ids)
+    check_finite(model)
+    check_token_ids(model, ids)
     widths: dict[str, torch.Tensor] = {}
     if opts.budget == "global":
         fp_stats = calibrate(model, [ids], n_samples=n_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
