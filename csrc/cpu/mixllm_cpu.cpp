@@ -19,8 +19,9 @@ void quantize_activations(const float* x, int64_t ldx, int m, int k, Activations
   const int groups = static_cast<int>(::cmpq::mixllm::groups_of(k));
   out->m = m, out->k = k, out->groups = groups, out->stride = static_cast<int64_t>(groups) * kGroup;
   const size_t cells = static_cast<size_t>(m) * groups;
-  out->natural.assign(static_cast<size_t>(m) * out->stride, 0);
-  out->split.assign(static_cast<size_t>(m) * out->stride, 0);
+  const size_t bytes = static_cast<size_t>(m) * out->stride + static_cast<size_t>(kPadGroups) * kGroup;
+  out->natural.assign(bytes, 0);
+  out->split.assign(bytes, 0);
   out->sum.assign(cells, 0);
   out->scale.assign(cells, 0.f);
   out->scale_bits.assign(cells, 0);

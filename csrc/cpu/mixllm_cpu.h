@@ -21,10 +21,14 @@ namespace mixllm {
 // Activations of one call. Every token has G groups of 128 bytes in two layouts (a partial last group is zero
 // padded): `natural` (column order, for the 8-bit rows) and `split` (per group the even columns in bytes 0-63 and
 // the odd ones in 64-127: the order in which the low and high nibbles of 64 packed 4-bit bytes meet them).
+// Whole groups of zero bytes after the last token in `natural` and `split`, so a kernel may load a fixed block of
+// groups past a row's end (meeting zero weights there) without a bounds check.
+constexpr int kPadGroups = 3;
+
 struct Activations {
   int m = 0, k = 0, groups = 0;
   int64_t stride = 0;                 // bytes per token in each layout: 128 * groups
-  std::vector<int8_t> natural, split;  // [m, stride]
+  std::vector<int8_t> natural, split;  // [m, stride] + kPadGroups * 128 zero bytes
   std::vector<int32_t> sum;           // [m, groups]: sum of the group's codes (offset corrections)
   std::vector<float> scale;           // [m, groups]: float(fp16 scale), NaN for a poisoned group
   std::vector<uint16_t> scale_bits;   // [m, groups]: the fp16 scales
