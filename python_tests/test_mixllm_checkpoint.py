@@ -119,3 +119,11 @@ def test_from_pretrained_gives_the_load_mixllm_model(saved, tmp_path):
     edit_config(broken, lambda q: next(iter(q["modules"].values())).update(rows_8bit=10**6))
     with pytest.raises(ValueError):
         transformers.AutoModelForCausalLM.from_pretrained(str(broken))
+
+
+def test_effective_bits_agree_with_bytes_on_disk(saved):
+    from cmpq_kernels.checkpoint import checkpoint_bytes
+
+    _, directory, qconfig = saved
+    on_disk = checkpoint_bytes(str(directory))["quantized"] * 8  # the <module>.mixllm.<field> tensors
+    assert on_disk == pytest.approx(qconfig["effective_bits"] * qconfig["quantized_weights"], abs=0.5)
