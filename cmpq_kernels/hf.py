@@ -73,7 +73,7 @@ logger = _hf_logging.get_logger(__name__)
 _SAVE_HINT = ("a CMPQ model is written with cmpq_kernels.save_quantized(model, directory) (the checkpoint records "
               "the SHA-256 of the written weights file, which save_pretrained cannot do); load it back with "
               "cmpq_kernels.load_quantized(directory) or AutoModelForCausalLM.from_pretrained(directory) after "
-              "`import cmpq_kernels.hf`")
+              "`import cmpq_kernels.hf` (a MixLLM model: save_mixllm / load_mixllm)")
 
 
 class CMPQConfig(QuantizationConfigMixin):
