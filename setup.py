@@ -55,7 +55,7 @@ def gencode_flags() -> list[str]:
 ext_modules = [
     cpp_extension.CppExtension(
         "cmpq_kernels._C",
-        ["csrc/cmpq_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+        ["csrc/cmpq_ops.cpp", "csrc/mixllm_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],

@@ -27,13 +27,17 @@ except ImportError as e:
 
 from . import ops  # noqa: E402  (fake impls for torch.compile)
 from .format import FORMAT_VERSION, CMPQLayer  # noqa: E402
+from .mixllm_format import MixLLMLayer  # noqa: E402
+from .mixllm_nn import MixLLMLinear  # noqa: E402
 from .nn import CMPQLinear  # noqa: E402
-from .quantize import QuantOptions, QuantReport, quantize_linear, quantize_model  # noqa: E402
+from .quantize import QuantOptions, QuantReport, quantize_linear, quantize_model, quantize_model_mixllm  # noqa: E402
 from .checkpoint import load_quantized, save_quantized  # noqa: E402
+from .mixllm_checkpoint import load_mixllm, save_mixllm  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["CMPQLayer", "CMPQLinear", "FORMAT_VERSION", "QuantOptions", "QuantReport", "backends", "load_quantized",
-           "ops", "quantize_linear", "quantize_model", "save_quantized"]
+__all__ = ["CMPQLayer", "CMPQLinear", "FORMAT_VERSION", "MixLLMLayer", "MixLLMLinear", "QuantOptions", "QuantReport",
+           "backends", "load_mixllm", "load_quantized", "ops", "quantize_linear", "quantize_model", "quantize_model_mixllm",
+           "save_mixllm", "save_quantized"]
 
 
 def backends() -> dict[str, str | bool | list[str] | None]:

@@ -37,9 +37,11 @@ from .surgery import quantized_modules, replace_module
 
 CONFIG_NAME = "config.json"
 QUANT_METHOD = "cmpq"
+#: how each method's packed tensors are named in a file: ``<module><infix><field>``
+QUANTIZED_INFIXES = (".cmpq.", ".mixllm.")
 
 
-def _unique_state(model: nn.Module, skip: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def unique_state(model: nn.Module, skip: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict (keys not starting with ``skip``) with each storage once; ``aliases`` maps a dropped name to
     the kept one (tied weights)."""
     kept: dict[str, torch.Tensor] = {}
@@ -59,7 +61,7 @@ def _unique_state(model: nn.Module, skip: tuple[str, ...] = ()) -> tuple[dict[st
 
 def state_bytes(model: nn.Module) -> int:
     """Bytes of the model's tensors, each storage once (what a safetensors file of it holds, minus the header)."""
-    return sum(t.numel() * t.element_size() for t in _unique_state(model)[0].values())
+    return sum(t.numel() * t.element_size() for t in unique_state(model)[0].values())
 
 
 def layer_entry(layer: CMPQLayer) -> dict:
@@ -103,7 +105,7 @@ def checkpoint_tensors(module: nn.Module, prefix: str = "") -> tuple[dict[str, t
     """``(tensors by checkpoint name, aliases)`` of ``module`` (names get ``prefix``): plain state tensors with each
     storage once (``aliases`` maps a dropped tied name to the kept one) and every CMPQLinear's packed fields."""
     quantized = quantized_modules(module)
-    plain, aliases = _unique_state(module, tuple(f"{name}." for name in quantized))
+    plain, aliases = unique_state(module, tuple(f"{name}." for name in quantized))
     tensors = {f"{prefix}{k}": t for k, t in plain.items()}
     for name, m in quantized.items():
         tensors.update(layer_tensors(f"{prefix}{name}", m.layer))
@@ -209,6 +211,19 @@ def read_quantization_config(directory: str) -> tuple[dict, dict]:
 
     Raises ``ValueError`` when the directory is not a CMPQ checkpoint this build can read.
     """
+    return read_method_config(directory, QUANT_METHOD, FORMAT_VERSION, _ENTRY_TYPES)
+
+
+#: the loader of each quant_method this package writes, named in the error for a checkpoint of another method
+LOADERS = {"cmpq": "cmpq_kernels.load_quantized", "mixllm": "cmpq_kernels.load_mixllm"}
+_LABELS = {"cmpq": "CMPQ", "mixllm": "MixLLM"}
+
+
+def read_method_config(directory: str, method: str, format_version: int,
+                       entry_types: dict[str, tuple[tuple[type, ...], str]]) -> tuple[dict, dict]:
+    """``(model config dict without quantization_config, quantization_config)`` of a checkpoint of ``method`` whose
+    ``modules`` entries hold ``entry_types``; ``ValueError`` naming the problem (another method's checkpoint
+    included) otherwise."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a model directory")
@@ -220,23 +235,33 @@ def read_quantization_config(directory: str) -> tuple[dict, dict]:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object")
     qconfig = config.pop("quantization_config", None)
-    check_quantization_config(qconfig, path)
+    check_method_config(qconfig, path, method, format_version, entry_types)
     return config, qconfig
 
 
 def check_quantization_config(qconfig: Any, path: str) -> None:
-    """Raise ``ValueError`` (prefixed by ``path``) unless ``qconfig`` is a ``quantization_config`` this build reads:
-    quant_method, format_version, one well-typed entry per module, the ``tied`` map."""
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{path}: no quantization_config with quant_method '{QUANT_METHOD}'; not a CMPQ checkpoint")
+    """Raise ``ValueError`` (prefixed by ``path``) unless ``qconfig`` is a CMPQ ``quantization_config`` this build
+    reads (what a loader that gets the dict, not the directory, checks: the vLLM plugin)."""
+    check_method_config(qconfig, path, QUANT_METHOD, FORMAT_VERSION, _ENTRY_TYPES)
+
+
+def check_method_config(qconfig: Any, path: str, method: str, format_version: int,
+                        entry_types: dict[str, tuple[tuple[type, ...], str]]) -> None:
+    """Raise ``ValueError`` (prefixed by ``path``) unless ``qconfig`` is a ``quantization_config`` of ``method``:
+    quant_method, format_version, one entry of ``entry_types`` per module, the ``tied`` map."""
+    found = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    if found != method:
+        other = f"; load it with {LOADERS[found]}" if isinstance(found, str) and found in LOADERS else ""
+        raise ValueError(f"{path}: no quantization_config with quant_method '{method}'; not a {_LABELS[method]} "
+                         f"checkpoint (quant_method is {found!r}{other})")
     version = qconfig.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:  # type(): JSON true and 1.0 compare equal to 1
+    if type(version) is not int or version != format_version:  # type(): JSON true and 1.0 compare equal to 1
         raise ValueError(f"{path}: format_version {version!r} is not supported by this build "
-                         f"(reads version {FORMAT_VERSION})")
+                         f"(reads version {format_version})")
     if not isinstance(qconfig.get("modules"), dict) or not qconfig["modules"]:
         raise ValueError(f"{path}: quantization_config.modules is missing or empty")
     for name, entry in qconfig["modules"].items():
-        _check_module_entry(path, name, entry)
+        _check_module_entry(path, name, entry, entry_types)
     tied = qconfig.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
         raise ValueError(f"{path}: quantization_config.tied must map tensor names to tensor names, got {tied!r:.80}")
@@ -248,11 +273,11 @@ _ENTRY_TYPES = {"in_features": ((int,), "an integer"), "out_features": ((int,), 
                 "bias": ((bool,), "true or false")}
 
 
-def _check_module_entry(path: str, name: str, entry: Any) -> None:
+def _check_module_entry(path: str, name: str, entry: Any, entry_types: dict) -> None:
     where = f"{path}: quantization_config.modules[{name!r}]"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be an object, got {entry!r:.80}")
-    for key, (types, meaning) in _ENTRY_TYPES.items():
+    for key, (types, meaning) in entry_types.items():
         if key not in entry:
             raise ValueError(f"{where}: '{key}' is missing")
         if type(entry[key]) not in types:
@@ -398,8 +423,8 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
         for name, entry in modules.items():
             check_target(model, name, entry)
             check_layer_keys(name, entry, files.header)
-        plain = _plain_tensors(model, modules, tied)
-        _check_plain_header(plain, files.header, modules)  # before any tensor data is read
+        plain = plain_tensors(model, modules, tied)
+        check_plain_header(plain, files.header, modules)  # before any tensor data is read
         for name, entry in modules.items():
             replace_module(model, name, CMPQLinear(load_layer(files, name, entry)))
         for key in plain:
@@ -408,14 +433,17 @@ def load_quantized(directory: str, *, device: str | torch.device = "cpu", verify
     return model.eval().to(device)
 
 
-def _plain_tensors(model: nn.Module, modules: Container[str], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+def plain_tensors(model: nn.Module, modules: Container[str], tied: dict[str, str]) -> dict[str, torch.Tensor]:
     """The skeleton's state tensors that the file must hold: all but quantized modules' and dropped aliases."""
     return {k: t for k, t in model.state_dict().items() if k.rpartition(".")[0] not in modules and k not in tied}
 
 
-def _check_plain_header(plain: dict[str, torch.Tensor], header: dict, modules: Container[str]) -> None:
+def check_plain_header(plain: dict[str, torch.Tensor], header: dict, modules: Container[str],
+                       infix: str = ".cmpq.") -> None:
+    """The file holds exactly the skeleton's ``plain`` tensors (besides the quantized modules' ``<module><infix>``
+    tensors and biases), each of the skeleton's shape."""
     missing = sorted(k for k in plain if k not in header)
-    unexpected = sorted(k for k in header if k not in plain and ".cmpq." not in k
+    unexpected = sorted(k for k in header if k not in plain and infix not in k
                         and not (k.endswith(".bias") and k[:-len(".bias")] in modules))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -461,10 +489,10 @@ def fill_tied(model: nn.Module, tied: dict[str, str]) -> None:
 
 
 def checkpoint_bytes(directory: str) -> dict[str, int]:
-    """Bytes on disk: ``weights`` (the safetensors files), ``quantized`` (the CMPQ tensors only), ``total`` (all
+    """Bytes on disk: ``weights`` (the safetensors files), ``quantized`` (the packed tensors only), ``total`` (all
     files in the directory)."""
     with TensorFiles(directory) as files:
-        quantized = files.bytes_of(k for k in files.header if ".cmpq." in k)
+        quantized = files.bytes_of(k for k in files.header if any(i in k for i in QUANTIZED_INFIXES))
         weights = sum(os.path.getsize(os.path.join(directory, f)) for f in files.files)
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     return {"weights": weights, "quantized": quantized, "total": total}

@@ -1,12 +1,13 @@
 """``cmpq``: quantize, evaluate, run, inspect and benchmark CMPQ models from the command line.
 
     cmpq quantize --model smollm2-135m --bits 3 --calib lee-train --out smollm2-cmpq3 [--eval lee-test --prompt ...]
+    cmpq quantize --model smollm2-135m --method mixllm --p 10 --calib lee-train --out smollm2-mixllm
     cmpq eval     --model smollm2-cmpq3 --text lee-test
     cmpq generate --model smollm2-cmpq3 --prompt "The weather today" [--temperature 0.7]
     cmpq inspect  smollm2-cmpq3 [--png bits.png]
     cmpq bench    [--device cpu|cuda] [benchmark arguments ...]
 
-``--model`` takes a CMPQ checkpoint directory (written by ``cmpq quantize`` / :func:`save_quantized`), a
+``--model`` takes a CMPQ or MixLLM checkpoint directory (written by ``cmpq quantize`` / :func:`save_quantized`), a
 plain Hugging Face model directory or hub id (no network here: local files only), a ``.gguf`` file, or
 one of the offline models of docs/DESIGN.md §5 (``smollm2-135m``, ``gemma3-270m``). Text arguments take a
 UTF-8 file or ``lee-train`` / ``lee-test`` (disjoint English prose shipped with ``gensim``, see
@@ -27,14 +28,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, mixllm_checkpoint
 from .corpora import BUILTIN_TEXTS, read_text
 from .generation import generate
-from .inspection import layer_rows, natural_key, plot_bits, rows_markdown
+from .inspection import layer_rows, mixllm_markdown, mixllm_rows, natural_key, plot_bits, rows_markdown
 from .from_disk import quantize_checkpoint
-from .models import MODELS, is_model_directory, load_model, load_tokenizer, source_bytes
+from .models import MODELS, checkpoint_method, is_model_directory, load_model, load_tokenizer, source_bytes
 from .perplexity import perplexity
-from .quantize import QuantOptions, quantize_model
+from .quantize import QuantOptions, quantize_model, quantize_model_mixllm
 from .quantize.options import ALLOCATORS, BUDGETS
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
@@ -71,8 +72,17 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                            error_feedback=not args.no_error_feedback,
                            share_input_widths=not args.no_share_input_widths)
     calib = dict(n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    summary: dict[str, Any] = {"model": args.model}
-    if is_model_directory(args.model):  # block by block from its files: the FP model is never loaded whole
+    summary: dict[str, Any] = {"model": args.model, "method": args.method}
+    if args.method == "mixllm":  # the salience pass needs the whole model: loaded whole, also from a directory
+        model, tokenizer = load_model(args.model)
+        summary["fp_bytes"] = checkpoint.state_bytes(model)
+        if eval_text is not None:
+            print("evaluating the FP model ...", file=sys.stderr)
+            summary["fp_perplexity"] = perplexity(model, tokenizer, eval_text, args.eval_seq_len, args.eval_tokens)
+        report = quantize_model_mixllm(model, [calibration], args.p, tokenizer=tokenizer, act_bits=args.act_bits,
+                                       **calib)
+        mixllm_checkpoint.save_mixllm(model, args.out, tokenizer, report, overwrite=args.overwrite)
+    elif is_model_directory(args.model):  # block by block from its files: the FP model is never loaded whole
         tokenizer = load_tokenizer(args.model)
         if eval_text is not None:
             _fp_perplexity(summary, args, eval_text)
@@ -90,7 +100,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         report = quantize_model(model, [calibration], args.bits, options, tokenizer=tokenizer, **calib)
         checkpoint.save_quantized(model, args.out, tokenizer, report, overwrite=args.overwrite)
     sizes = checkpoint.checkpoint_bytes(args.out)
-    summary.update({"out": args.out, "bits": args.bits, "effective_bits": report.effective_bits,
+    summary.update({"out": args.out, "bits": report.bits, "effective_bits": report.effective_bits,
                     "code_bits": report.code_bits, "bytes_on_disk": sizes,
                     "quantize_seconds": report.stage_seconds["total"], "stage_seconds": report.stage_seconds})
     if eval_text is not None:
@@ -119,7 +129,8 @@ def _print_quantize_summary(s: dict, file_bytes: int) -> None:
     fp_ppl = f"{s['fp_perplexity']:.2f}" if "fp_perplexity" in s else "-"
     q_ppl = f"{s['perplexity']:.2f} ({s['perplexity'] / s['fp_perplexity']:.2f}x)" if "perplexity" in s else "-"
     print(f"| FP ({s['model']}) | {s['fp_bytes'] / 1e6:.1f} | {fp_ppl} |")
-    print(f"| CMPQ {s['bits']:g} bits | {file_bytes / 1e6:.1f} (CMPQ layers {s['bytes_on_disk']['quantized'] / 1e6:.1f}) "
+    label = f"MixLLM W{s['bits']:g}A8" if s["method"] == "mixllm" else f"CMPQ {s['bits']:g} bits"
+    print(f"| {label} | {file_bytes / 1e6:.1f} (quantized layers {s['bytes_on_disk']['quantized'] / 1e6:.1f}) "
           f"| {q_ppl} |")
 
 
@@ -148,12 +159,16 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict:
-    qconfig, layers = checkpoint.read_layers(args.directory, verify=not args.no_verify)
+    mixllm = checkpoint_method(args.directory) == "mixllm"
+    read = mixllm_checkpoint.read_mixllm_layers if mixllm else checkpoint.read_layers
+    qconfig, layers = read(args.directory, verify=not args.no_verify)
     layers = {name: layers[name] for name in sorted(layers, key=natural_key)}  # config.json keys are sorted as text
-    rows = layer_rows(layers)
-    print(rows_markdown(rows))
+    if mixllm and args.png:
+        raise UsageError("--png plots CMPQ's per-channel bit widths; a MixLLM checkpoint has none")
+    rows = mixllm_rows(layers) if mixllm else layer_rows(layers)
+    print(mixllm_markdown(rows) if mixllm else rows_markdown(rows))
     sizes = checkpoint.checkpoint_bytes(args.directory)
-    print(f"on disk: {sizes['weights']:,} bytes model.safetensors ({sizes['quantized']:,} in CMPQ layers), "
+    print(f"on disk: {sizes['weights']:,} bytes model.safetensors ({sizes['quantized']:,} in quantized layers), "
           f"{sizes['total']:,} bytes in the directory")
     settings = qconfig.get("settings")
     if settings:
@@ -188,9 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = f"checkpoint dir, HF model dir, .gguf file, or one of: {', '.join(MODELS)}"
 
-    q = sub.add_parser("quantize", help="quantize a causal LM and save a CMPQ checkpoint")
+    q = sub.add_parser("quantize", help="quantize a causal LM and save a CMPQ (or MixLLM) checkpoint")
     q.add_argument("--model", required=True, help=model_help)
-    q.add_argument("--bits", type=float, default=3.0, help="average code bits per weight, 2.0-4.0 (default 3)")
+    q.add_argument("--method", choices=("cmpq", "mixllm"), default="cmpq",
+                   help="cmpq (default) or mixllm: 8-bit for the top --p %% output channels, 4-bit for the rest")
+    q.add_argument("--bits", type=float, default=3.0, help="cmpq: average code bits per weight, 2.0-4.0 (default 3)")
+    q.add_argument("--p", type=float, default=10.0,
+                   help="mixllm: percentage of output channels at 8 bits (0 = W4A8, 10 = W4.4A8 default, 100 = W8A8)")
+    q.add_argument("--act-bits", type=int, choices=(8, 16), default=8,
+                   help="mixllm: 8 quantizes activations per token and 128 channels (default), 16 = weight-only")
     q.add_argument("--calib", required=True, help=f"calibration text file or {'/'.join(BUILTIN_TEXTS)}")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--allocator", choices=ALLOCATORS, default=QuantOptions.allocator, help=_option_help("allocator"))

@@ -1,4 +1,7 @@
-"""Load CMPQ checkpoints through Hugging Face ``from_pretrained`` (a registered transformers quantizer).
+"""Load CMPQ (and MixLLM) checkpoints through Hugging Face ``from_pretrained`` (registered transformers quantizers).
+
+MixLLM checkpoints (``quant_method "mixllm"``, :mod:`cmpq_kernels.mixllm_checkpoint`) go through the same hooks
+(:class:`MixLLMHfQuantizer`, with MixLLM's tensor names and modules); what follows is written for CMPQ.
 
 ``import cmpq_kernels.hf`` registers the quantization method ``"cmpq"`` with transformers, after which::
 
@@ -52,21 +55,25 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils import logging as _hf_logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import mixllm_checkpoint
 from .checkpoint import (QUANT_METHOD, check_layer_keys, check_no_stray, check_target, fill_tied, layer_from_tensors,
                          model_dtype, read_quantization_config, verify_weights)
 from .format import LAYER_FIELDS
+from .mixllm_format import LAYER_FIELDS as MIXLLM_FIELDS
+from .mixllm_format import QUANT_METHOD as MIXLLM_METHOD
+from .mixllm_nn import MixLLMLinear
 from .nn import CMPQLinear
 from .shards import INDEX_NAME, WEIGHTS_NAME, Header, TensorFiles, weight_files
 from .surgery import replace_module
 
-__all__ = ["CMPQConfig", "CMPQHfQuantizer", "register"]
+__all__ = ["CMPQConfig", "CMPQHfQuantizer", "MixLLMConfig", "MixLLMHfQuantizer", "register"]
 
 logger = _hf_logging.get_logger(__name__)
 
 _SAVE_HINT = ("a CMPQ model is written with cmpq_kernels.save_quantized(model, directory) (the checkpoint records "
               "the SHA-256 of the written weights file, which save_pretrained cannot do); load it back with "
               "cmpq_kernels.load_quantized(directory) or AutoModelForCausalLM.from_pretrained(directory) after "
-              "`import cmpq_kernels.hf`")
+              "`import cmpq_kernels.hf` (a MixLLM model: save_mixllm / load_mixllm)")
 
 
 class CMPQConfig(QuantizationConfigMixin):
@@ -79,30 +86,38 @@ class CMPQConfig(QuantizationConfigMixin):
     (:func:`cmpq_kernels.quantize_model`).
     """
 
+    method = QUANT_METHOD
+
     def __init__(self, **kwargs: Any) -> None:
-        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
-        if quant_method != QUANT_METHOD:
-            raise ValueError(f"CMPQConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        self.quant_method = QUANT_METHOD
+        quant_method = kwargs.pop("quant_method", self.method)
+        if quant_method != self.method:
+            raise ValueError(f"{type(self).__name__}: quant_method must be {self.method!r}, got {quant_method!r}")
+        self.quant_method = self.method
         self.__dict__.update(kwargs)
 
 
-class _PendingCMPQLinear(nn.Module):
+class MixLLMConfig(CMPQConfig):
+    """The ``quantization_config`` of a MixLLM checkpoint (:mod:`cmpq_kernels.mixllm_checkpoint`), held verbatim."""
+
+    method = MIXLLM_METHOD
+
+
+class _PendingLinear(nn.Module):
     """Meta-device stand-in for one quantized linear while transformers loads the weights.
 
-    Buffers are named as in the file (``cmpq.<field>``, ``bias``) with the file's shapes and dtypes, so the
-    loader assigns them directly. Replaced by a :class:`CMPQLinear` after loading; never run.
+    Buffers are named as in the file (``<infix>.<field>``, ``bias``) with the file's shapes and dtypes, so the
+    loader assigns them directly. Replaced by a :class:`CMPQLinear` / :class:`MixLLMLinear` after loading; never run.
     """
 
-    def __init__(self, entry: dict, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    def __init__(self, entry: dict, infix: str, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
                  bias: Optional[tuple[tuple[int, ...], torch.dtype]]) -> None:
         super().__init__()
         self.entry = entry
         self.in_features, self.out_features = int(entry["in_features"]), int(entry["out_features"])
-        self.cmpq = nn.Module()
-        for field in LAYER_FIELDS:
-            shape, dtype = fields[field]
-            self.cmpq.register_buffer(field, torch.empty(shape, dtype=dtype, device="meta"))
+        packed = nn.Module()
+        setattr(self, infix, packed)
+        for field, (shape, dtype) in fields.items():
+            packed.register_buffer(field, torch.empty(shape, dtype=dtype, device="meta"))
         self.register_buffer("bias", None if bias is None else torch.empty(bias[0], dtype=bias[1], device="meta"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - replaced before use
@@ -127,14 +142,32 @@ def _header(directory: str) -> Header:
         return files.header
 
 
-def _plain_dtype(header: Header) -> torch.dtype:
-    return model_dtype(dtype for key, (_, dtype) in header.items() if ".cmpq." not in key)
+def _plain_dtype(header: Header, infix: str) -> torch.dtype:
+    return model_dtype(dtype for key, (_, dtype) in header.items() if f".{infix}." not in key)
 
 
 class CMPQHfQuantizer(HfQuantizer):
     """transformers quantizer for pre-quantized CMPQ checkpoints (loading only; see the module docstring)."""
 
     requires_calibration = True  # from_pretrained(..., quantization_config=CMPQConfig()) on an FP model is refused
+    infix = "cmpq"  #: checkpoint tensors are ``<module>.<infix>.<field>``
+    fields = LAYER_FIELDS
+
+    # -- what differs between the methods -------------------------------------------------------------------
+
+    def _read_config(self, directory: str) -> dict:
+        return read_quantization_config(directory)[1]
+
+    def _check_header(self, model: nn.Module, header: Header, modules: dict) -> None:
+        for name, entry in modules.items():
+            check_target(model, name, entry)
+            check_layer_keys(name, entry, header)
+        check_no_stray(header, modules)
+
+    def _build(self, name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        return CMPQLinear(layer_from_tensors(name, entry, tensors))
+
+    # -- transformers' hooks ----------------------------------------------------------------------------------
 
     def __init__(self, quantization_config: CMPQConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
@@ -154,7 +187,7 @@ class CMPQHfQuantizer(HfQuantizer):
             directory = os.fspath(getattr(config, "name_or_path", None) or "")
             if any(os.path.isfile(os.path.join(directory, name)) for name in (WEIGHTS_NAME, INDEX_NAME)):
                 self._check_directory(directory)
-                config.dtype = _plain_dtype(_header(directory))
+                config.dtype = _plain_dtype(_header(directory), self.infix)
             else:
                 self._dtype_unresolved = True
         return config
@@ -164,7 +197,7 @@ class CMPQHfQuantizer(HfQuantizer):
         stats = [os.stat(os.path.join(directory, f)) for f in weight_files(directory)]
         key = (os.path.realpath(directory), tuple((st.st_size, st.st_mtime_ns) for st in stats))
         if self._checked is None or self._checked[0] != key:
-            _, qconfig = read_quantization_config(directory)
+            qconfig = self._read_config(directory)
             verify_weights(directory, qconfig)
             self._checked = (key, qconfig)
         return self._checked[1]
@@ -181,34 +214,33 @@ class CMPQHfQuantizer(HfQuantizer):
         # validate() rather than the loader must judge a wrong on-disk dtype. (A quantized module's bias is an
         # ordinary float tensor: its placeholder has the model's dtype, so it is cast like every other weight.)
         targets = getattr(converter, "_original_target_patterns", None) or getattr(converter, "target_patterns", [])
-        if self._qconfig is not None and any(self._is_cmpq_key(t) for t in targets):
+        if self._qconfig is not None and any(self._is_packed_key(t) for t in targets):
             return None
         return super().get_new_dtype(converter, param, dtype)
 
-    def _is_cmpq_key(self, key: str) -> bool:
+    def _is_packed_key(self, key: str) -> bool:
         module, _, leaf = key.rpartition(".")
-        return leaf in LAYER_FIELDS and module.endswith(".cmpq") and module[:-len(".cmpq")] in self._qconfig["modules"]
+        suffix = f".{self.infix}"
+        return leaf in self.fields and module.endswith(suffix) and module[:-len(suffix)] in self._qconfig["modules"]
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Optional[list] = None,
                                              **kwargs: Any) -> nn.Module:
         directory = _weights_dir(checkpoint_files)
         qconfig = self._check_directory(directory)
         header = _header(directory)
-        if self._dtype_unresolved and self._dtype != _plain_dtype(header):
+        if self._dtype_unresolved and self._dtype != _plain_dtype(header, self.infix):
             logger.warning(f"{directory}: config.json has no dtype and the model was built as {self._dtype}; "
-                           f"cmpq_kernels.load_quantized would use {_plain_dtype(header)} (pass dtype=... to match)")
+                           f"cmpq_kernels' loader would use {_plain_dtype(header, self.infix)} (pass dtype=... to match)")
         modules = qconfig["modules"]
+        self._check_header(model, header, modules)
         for name, entry in modules.items():
-            check_target(model, name, entry)
-            check_layer_keys(name, entry, header)
             bias = header.get(f"{name}.bias")
-            fields = {f: header[f"{name}.cmpq.{f}"] for f in LAYER_FIELDS}
+            fields = {f: header[f"{name}.{self.infix}.{f}"] for f in self.fields}
             model_dtype = self._dtype
             if bias is not None and bias[1].is_floating_point and isinstance(model_dtype, torch.dtype) \
                     and model_dtype.is_floating_point:
                 bias = (bias[0], model_dtype)  # a bias follows the model dtype (CMPQLinear; load_quantized().to())
-            replace_module(model, name, _PendingCMPQLinear(entry, fields, bias))
-        check_no_stray(header, modules)
+            replace_module(model, name, _PendingLinear(entry, self.infix, fields, bias))
         _untie_quantized(model, modules)
         # Aliases save_quantized dropped (tied storage) that transformers does not tie itself are filled from
         # their source after loading; keep them out of the missing-keys report.
@@ -226,15 +258,16 @@ class CMPQHfQuantizer(HfQuantizer):
         _check_no_offload(getattr(model, "hf_device_map", None))  # set by accelerate's dispatch_model
         for name, entry in qconfig["modules"].items():
             pending = model.get_submodule(name)
-            if not isinstance(pending, _PendingCMPQLinear):  # pragma: no cover
-                raise RuntimeError(f"{name}: expected the CMPQ placeholder, found {type(pending).__name__}")
-            tensors = {f"{name}.cmpq.{f}": getattr(pending.cmpq, f) for f in LAYER_FIELDS}
+            if not isinstance(pending, _PendingLinear):  # pragma: no cover
+                raise RuntimeError(f"{name}: expected the placeholder, found {type(pending).__name__}")
+            packed = getattr(pending, self.infix)
+            tensors = {f"{name}.{self.infix}.{f}": getattr(packed, f) for f in self.fields}
             if pending.bias is not None:
                 tensors[f"{name}.bias"] = pending.bias
             unloaded = sorted(k for k, t in tensors.items() if t.is_meta)
             if unloaded:
                 raise ValueError(f"{name}: from_pretrained did not load {', '.join(unloaded)}")
-            module = CMPQLinear(layer_from_tensors(name, entry, tensors))
+            module = self._build(name, entry, tensors)
             hook = getattr(pending, "_hf_hook", None)  # accelerate hook of a multi-GPU map naming this module
             if hook is not None:
                 from accelerate.hooks import add_hook_to_module
@@ -254,6 +287,25 @@ class CMPQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+class MixLLMHfQuantizer(CMPQHfQuantizer):
+    """transformers quantizer for MixLLM checkpoints (:mod:`cmpq_kernels.mixllm_checkpoint`): the same hooks, with
+    MixLLM's config, tensor names and :class:`MixLLMLinear` (built by the code :func:`load_mixllm` uses)."""
+
+    infix = "mixllm"
+    fields = MIXLLM_FIELDS
+
+    def _read_config(self, directory: str) -> dict:
+        return mixllm_checkpoint.read_mixllm_config(directory)[1]
+
+    def _check_header(self, model: nn.Module, header: Header, modules: dict) -> None:
+        for name, entry in modules.items():
+            check_target(model, name, entry)
+        mixllm_checkpoint.check_keys(header, modules)
+
+    def _build(self, name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        return MixLLMLinear(mixllm_checkpoint.layer_from_tensors(name, entry, tensors), entry["act_bits"])
 
 
 def _check_no_offload(device_map: Any) -> None:
@@ -283,18 +335,22 @@ def _hf_tied_keys(model: nn.Module) -> set:
 
 
 def register() -> None:
-    """Register ``quant_method "cmpq"`` (config + quantizer) with transformers. Idempotent; run on import."""
-    for mapping, registrar, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, CMPQConfig),
-                                    (AUTO_QUANTIZER_MAPPING, register_quantizer, CMPQHfQuantizer)):
-        existing = mapping.get(QUANT_METHOD)
-        if existing is cls:
-            continue
-        if existing is None:
-            registrar(QUANT_METHOD)(cls)
-        elif getattr(existing, "__module__", None) == __name__:
-            mapping[QUANT_METHOD] = cls  # this module was re-imported (importlib.reload): replace the older copy
-        else:
-            raise RuntimeError(f"transformers already has a {QUANT_METHOD!r} quantization method "
-                               f"({existing.__module__}.{existing.__qualname__}); cannot register cmpq_kernels'")
+    """Register ``quant_method`` ``"cmpq"`` and ``"mixllm"`` (config + quantizer) with transformers. Idempotent; run on
+    import."""
+    for method, config_cls, quantizer_cls in ((QUANT_METHOD, CMPQConfig, CMPQHfQuantizer),
+                                              (MIXLLM_METHOD, MixLLMConfig, MixLLMHfQuantizer)):
+        for mapping, registrar, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, config_cls),
+                                        (AUTO_QUANTIZER_MAPPING, register_quantizer, quantizer_cls)):
+            existing = mapping.get(method)
+            if existing is cls:
+                continue
+            if existing is None:
+                registrar(method)(cls)
+            elif getattr(existing, "__module__", None) == __name__:
+                mapping[method] = cls  # this module was re-imported (importlib.reload): replace the older copy
+            else:
+                raise RuntimeError(f"transformers already has a {method!r} quantization method "
+                                   f"({existing.__module__}.{existing.__qualname__}); cannot register cmpq_kernels'")
+
 
 register()

@@ -1,4 +1,4 @@
-"""What a CMPQ checkpoint holds, per layer: a table of bits, outliers and bytes, and a plot of the allocation."""
+"""What a CMPQ (or MixLLM) checkpoint holds, per layer: a table of bits, outliers and bytes, and a plot of the allocation."""
 from __future__ import annotations
 
 import re
@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from .format import SEGMENT_BITS, CMPQLayer
+from .mixllm_format import MixLLMLayer
 
 
 def layer_rows(layers: dict[str, CMPQLayer]) -> list[dict]:
@@ -34,6 +35,27 @@ def rows_markdown(rows: Sequence[dict]) -> str:
     mean = lambda key: sum(r[key] * r["shape"][0] * r["shape"][1] for r in rows) / weights  # noqa: E731
     lines.append(f"\n{len(rows)} layers, {weights:,} weights: code bits {mean('code_bits'):.3f}, effective bits "
                  f"{mean('effective_bits'):.3f}, {sum(r['bytes'] for r in rows):,} bytes")
+    return "\n".join(lines)
+
+
+def mixllm_rows(layers: dict[str, MixLLMLayer]) -> list[dict]:
+    """One summary dict per MixLLM layer: shape, 8-bit output channels, effective bits, stored bytes."""
+    return [{"name": name, "shape": [layer.n, layer.k], "rows_8bit": layer.n8, "pct_8bit": 100.0 * layer.n8 / layer.n,
+             "code_bits": layer.code_bits, "effective_bits": layer.effective_bits,
+             "bytes": sum(layer.storage_bits().values()) // 8} for name, layer in layers.items()]
+
+
+def mixllm_markdown(rows: Sequence[dict]) -> str:
+    """The per-layer table of ``cmpq inspect`` for a MixLLM checkpoint plus a model-wide line."""
+    lines = ["| layer | shape | 8-bit channels (%) | code bits | eff. bits | bytes |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['rows_8bit']} ({r['pct_8bit']:.1f}) | "
+              f"{r['code_bits']:.3f} | {r['effective_bits']:.3f} | {r['bytes']:,} |" for r in rows]
+    weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    channels = sum(r["shape"][0] for r in rows)
+    eight = sum(r["rows_8bit"] for r in rows)
+    eff = sum(r["effective_bits"] * r["shape"][0] * r["shape"][1] for r in rows) / weights
+    lines.append(f"\n{len(rows)} layers, {weights:,} weights: {eight} of {channels} output channels at 8 bits "
+                 f"({100.0 * eight / channels:.1f} %), effective bits {eff:.3f}, {sum(r['bytes'] for r in rows):,} bytes")
     return "\n".join(lines)
 
 

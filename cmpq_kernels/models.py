@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .mixllm_checkpoint import load_mixllm
 from .shards import INDEX_NAME, WEIGHTS_NAME, TensorFiles
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cmpq_kernels")
@@ -92,23 +93,33 @@ def load_gguf_model(name: str, cache: bool = True) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def is_cmpq_checkpoint(path: str) -> bool:
-    """True when ``path`` is a directory whose config.json names quant_method "cmpq"."""
+#: the loader of each quantized checkpoint kind, by quant_method
+LOADERS = {checkpoint.QUANT_METHOD: checkpoint.load_quantized, "mixllm": load_mixllm}
+
+
+def checkpoint_method(path: str) -> Optional[str]:
+    """The ``quant_method`` a directory's config.json names (``"cmpq"``, ``"mixllm"``, ...), else None."""
     config = os.path.join(path, checkpoint.CONFIG_NAME)
     if not os.path.isfile(config):
-        return False
+        return None
     try:
         with open(config, encoding="utf-8") as f:
             quant = json.load(f).get("quantization_config") or {}
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    return isinstance(quant, dict) and quant.get("quant_method") == checkpoint.QUANT_METHOD
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return method if isinstance(method, str) else None
+
+
+def is_cmpq_checkpoint(path: str) -> bool:
+    """True when ``path`` is a directory whose config.json names quant_method "cmpq"."""
+    return checkpoint_method(path) == checkpoint.QUANT_METHOD
 
 
 def is_model_directory(path: str) -> bool:
     """True for a local Hugging Face model directory with safetensors weights that is not a CMPQ checkpoint
     (what :func:`cmpq_kernels.from_disk.quantize_checkpoint` reads block by block)."""
-    return (os.path.isfile(os.path.join(path, checkpoint.CONFIG_NAME)) and not is_cmpq_checkpoint(path)
+    return (os.path.isfile(os.path.join(path, checkpoint.CONFIG_NAME)) and checkpoint_method(path) not in LOADERS
             and any(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_NAME, INDEX_NAME)))
 
 
@@ -130,13 +141,13 @@ def load_tokenizer(directory: str) -> Any:
 
 def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` in eval mode on ``device`` (cast to ``dtype`` when given) for ``spec``: a name in
-    :data:`MODELS`, a CMPQ checkpoint directory, a ``.gguf`` file, or a local Hugging Face model directory."""
+    :data:`MODELS`, a CMPQ or MixLLM checkpoint directory, a ``.gguf`` file, or a local Hugging Face model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec in MODELS:
         model, tokenizer = load_gguf_model(spec)
-    elif is_cmpq_checkpoint(spec):
-        model, tokenizer = checkpoint.load_quantized(spec), AutoTokenizer.from_pretrained(spec)
+    elif checkpoint_method(spec) in LOADERS:
+        model, tokenizer = LOADERS[checkpoint_method(spec)](spec), AutoTokenizer.from_pretrained(spec)
     elif spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"GGUF file {spec!r} does not exist")

@@ -73,7 +73,9 @@ class ShardWriter:
             raise ValueError(f"tensor {name!r} added twice to one checkpoint")
         if tensor.dtype not in _HEADER_DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors here")
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        # An empty tensor can carry a zero stride (e.g. built from an empty NumPy array), which view() refuses.
+        flat = tensor.detach().cpu().contiguous().reshape(-1) if tensor.numel() else torch.empty(0, dtype=tensor.dtype)
+        raw = flat.view(torch.uint8).numpy()
         offset = self.data.tell()
         if self.entries and offset + raw.nbytes > self.max_bytes:
             self._close_shard()

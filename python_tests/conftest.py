@@ -20,6 +20,7 @@ import torch
 import cmpq_kernels  # noqa: F401  (registers torch.ops.cmpq)
 from cmpq_kernels import reference
 from cmpq_kernels.format import SEGMENT_BITS, CMPQLayer
+from cmpq_kernels.mixllm_format import MixLLMLayer, groups_of
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
@@ -84,6 +85,19 @@ def make_layer(
     return CMPQLayer.from_codes(bits=3.0, perm=rng.permutation(k), codes=codes, codebooks=tuple(codebooks),
                                 outlier_rows=rows, outlier_cols=cols, outlier_vals=vals, bias=bias_t,
                                 codebook_rows=codebook_rows)
+
+
+def make_mixllm_layer(n: int, k: int, n8: int, bias: Optional[torch.dtype] = None, seed: int = 0) -> MixLLMLayer:
+    """A random valid MixLLM layer ``[n, k]`` with ``n8`` 8-bit rows at random output positions: every code value
+    (8-bit codes over [-127, 127], all 16 nibbles and zero points) and scales spanning a few octaves."""
+    gen = torch.Generator().manual_seed(seed)
+    g = groups_of(k)
+    rows = torch.randperm(n, generator=gen)
+    scale = lambda count: (torch.rand(count, g, generator=gen) * 2.0 ** torch.randint(-12, -4, (count, g), generator=gen).float())  # noqa: E731
+    bias_t = None if bias is None else torch.randn(n, generator=gen).to(bias)
+    return MixLLMLayer.from_codes(idx8=rows[:n8], q8=torch.randint(-127, 128, (n8, k), generator=gen), s8=scale(n8),
+                                  idx4=rows[n8:], q4=torch.randint(0, 16, (n - n8, k), generator=gen),
+                                  s4=scale(n - n8), z4=torch.randint(0, 16, (n - n8, g), generator=gen), bias=bias_t)
 
 
 def random_x(m: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:

@@ -14,13 +14,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cmpq_kernels"
 
 #: lowest first; a module may import from its own layer or any layer before it.
 LAYERS = (
-    ("progress", "format"),
-    ("reference",),
+    ("progress", "format", "mixllm_format"),
+    ("reference", "mixllm_reference"),
     ("ops",),
-    ("nn",),
+    ("nn", "mixllm_nn"),
     ("surgery", "shards", "tensor_parallel"),
     ("quantize",),
-    ("checkpoint",),
+    ("checkpoint", "mixllm_checkpoint"),
     ("hf", "models", "from_disk", "vllm"),
     ("corpora", "perplexity", "generation", "inspection"),
     ("cli",),

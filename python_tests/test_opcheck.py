@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_layer, random_x
+from conftest import make_layer, make_mixllm_layer, random_x
 
 CODEBOOK_ROWS = 4
 
@@ -38,3 +38,23 @@ def test_opcheck_dequantize(layer, dtype):
 @pytest.mark.parametrize("segment,bits", [(0, 4), (1, 3), (2, 2)])
 def test_opcheck_unpack_codes(layer, segment, bits):
     torch.library.opcheck(torch.ops.cmpq.unpack_codes.default, (layer.codes[segment], bits))
+
+
+@pytest.fixture(scope="module")
+def mixllm_layer():
+    return make_mixllm_layer(37, 576, 5, bias=torch.float32, seed=12)
+
+
+@pytest.mark.parametrize("m,dtype,with_bias,act_bits", [(3, torch.float32, True, 8), (20, torch.float16, False, 8),
+                                                        (1, torch.bfloat16, True, 16)])
+def test_opcheck_mixllm_gemm(mixllm_layer, m, dtype, with_bias, act_bits):
+    x = random_x(m, mixllm_layer.k, dtype)
+    args = (x, *mixllm_layer.fields().values(), mixllm_layer.bias if with_bias else None, act_bits, 1)
+    torch.library.opcheck(torch.ops.cmpq.mixllm_gemm.default, args)
+
+
+def test_opcheck_mixllm_helpers(mixllm_layer):
+    torch.library.opcheck(torch.ops.cmpq.mixllm_dequantize.default,
+                          (*mixllm_layer.fields().values(), 1, torch.float16))
+    torch.library.opcheck(torch.ops.cmpq.mixllm_quantize_activations.default, (random_x(4, 576),))
+    torch.library.opcheck(torch.ops.cmpq.mixllm_unpack_nibbles.default, (mixllm_layer.q4, 576))

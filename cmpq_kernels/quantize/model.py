@@ -28,7 +28,8 @@ from .layer import quantize_weight
 from .options import QuantOptions
 
 #: ``(name, linear, stats, widths or None) -> (replacement module, report fields)``; the fields must
-#: include ``code_bits``, ``effective_bits`` and ``nnz``. Lets baselines share the calibration pipeline.
+#: include ``code_bits``, ``effective_bits`` and ``nnz`` (and may override ``bits``). A ``None`` module leaves the
+#: layer in floating point, unreported. Lets baselines and MixLLM share the calibration pipeline.
 LayerQuantizer = Callable[[str, nn.Linear, LayerStats, Optional[torch.Tensor]], tuple[nn.Module, dict]]
 
 
@@ -169,7 +170,7 @@ def _check_linears(linears: dict[str, nn.Linear]) -> None:
             raise ValueError(f"{name}: {err}") from None
 
 
-def _check_finite(model: nn.Module) -> None:
+def check_finite(model: nn.Module) -> None:
     """Refuse NaN/Inf parameters up front, by name: later they surface only as NaN statistics, mid-way."""
     for name, param in model.named_parameters():
         if not param.is_floating_point() or param.is_meta:
@@ -178,7 +179,7 @@ def _check_finite(model: nn.Module) -> None:
             raise ValueError(f"{name}: contains NaN or Inf; cannot quantize a model with non-finite weights")
 
 
-def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
     """Calibration ids past the embedding table (a tokenizer of another model) would fail with a bare IndexError."""
     try:
         vocab = model.get_input_embeddings().num_embeddings
@@ -197,6 +198,8 @@ def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dic
             module, info = quantizer(name, lin, stats[name], widths.get(name))
         except ValueError as err:  # say which layer: the quantizer sees only a weight and its statistics
             raise ValueError(f"{name}: {err}") from err
+        if module is None:  # the quantizer leaves this layer in floating point
+            continue
         replace_module(root, name, module)
         records.append({"name": name, "shape": [lin.out_features, lin.in_features], "bits": bits, **info,
                         "seconds": time.perf_counter() - start})
@@ -236,7 +239,6 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     if hooks is not None and (opts.budget == "global" or quantize_lm_head):
         raise ValueError("budget='global' and quantize_lm_head need the whole model in memory; they are not "
                          "available block by block (from a checkpoint directory)")
-    hooks = hooks or BlockHooks()
     times = {"capture": 0.0, "allocate": 0.0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
     start = time.perf_counter()
     ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
@@ -245,34 +247,19 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     _check_linears(linear_layers(blocks, f"{path}."))
     if quantize_lm_head:
         _output_projection(model)
-    _check_finite(model)
-    _check_token_ids(model, ids)
+    check_finite(model)
+    check_token_ids(model, ids)
     widths: dict[str, torch.Tensor] = {}
     if opts.budget == "global":
         fp_stats = calibrate(model, [ids], n_samples=n_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                              show_progress=progress)
         widths = global_widths(linear_layers(blocks, f"{path}."), fp_stats, bits, opts.share_input_widths)
         times["allocate"] = time.perf_counter() - start
-    t = time.perf_counter()
-    inputs = capture_block_inputs(model, blocks, ids, batch_size)
-    times["capture"] = time.perf_counter() - t
-    records: list[dict] = []
-    for i, block in enumerate(progress_iter(blocks, "quantize blocks", total=len(blocks), enabled=progress)):
-        t = time.perf_counter()
-        hooks.load(i, block)
-        stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=opts.error_feedback)
-        times["statistics"] += time.perf_counter() - t
-        t = time.perf_counter()
-        linears = linear_layers(block, f"{path}.{i}.")
-        if opts.share_input_widths and opts.budget == "layer":
-            widths = shared_widths(linears, stats, bits, opts.allocator)
-        _quantize_linears(model, linears, stats, bits, quantizer, widths, records)
-        times["quantize"] += time.perf_counter() - t
-        t = time.perf_counter()
-        inputs.states = run_block(block, inputs, i)
-        hooks.done(i, block)
-        times["propagate"] += time.perf_counter() - t
-    del inputs
+    block_widths = None
+    if opts.share_input_widths and opts.budget == "layer":
+        block_widths = lambda linears, stats: shared_widths(linears, stats, bits, opts.allocator)  # noqa: E731
+    records = quantize_blocks(model, ids, quantizer, bits, times, widths=widths, block_widths=block_widths,
+                              hessian=opts.error_feedback, batch_size=batch_size, progress=progress, hooks=hooks)
     if quantize_lm_head:
         t = time.perf_counter()
         _quantize_lm_head(model, ids, bits, quantizer, opts.error_feedback, batch_size, records)
@@ -282,6 +269,39 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
                 "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": seed},
                 "quantize_lm_head": quantize_lm_head, "custom_layer_quantizer": layer_quantizer is not None}
     return QuantReport(bits, records, times, settings)
+
+
+def quantize_blocks(model: nn.Module, ids: torch.Tensor, quantizer: LayerQuantizer, bits: float,
+                    times: dict[str, float], *, widths: Optional[dict[str, torch.Tensor]] = None,
+                    block_widths: Optional[Callable[[dict, dict], dict[str, torch.Tensor]]] = None,
+                    hessian: bool = True, batch_size: int = 8, progress: bool = True,
+                    hooks: Optional[BlockHooks] = None) -> list[dict]:
+    """The block-by-block pipeline every method shares (docs/DESIGN.md §1.1): per decoder block, activation
+    statistics of its linears (``X^T X`` too when ``hessian``) over the calibration windows ``ids``, each linear
+    through ``quantizer``, then the quantized block run to make the next block's inputs. Adds its stage times to
+    ``times``; returns one report record per replaced layer. Widths come from ``widths`` (by layer name), or per
+    block from ``block_widths(linears, stats)`` when given (shared allocations of layers reading one input)."""
+    hooks = hooks or BlockHooks()
+    path, blocks = find_blocks(model)
+    t = time.perf_counter()
+    inputs = capture_block_inputs(model, blocks, ids, batch_size)
+    times["capture"] = times.get("capture", 0.0) + time.perf_counter() - t
+    records: list[dict] = []
+    for i, block in enumerate(progress_iter(blocks, "quantize blocks", total=len(blocks), enabled=progress)):
+        t = time.perf_counter()
+        hooks.load(i, block)
+        stats, _ = block_stats(block, inputs, i, f"{path}.{i}.", hessian=hessian)
+        times["statistics"] = times.get("statistics", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        linears = linear_layers(block, f"{path}.{i}.")
+        layer_widths = block_widths(linears, stats) if block_widths else widths or {}
+        _quantize_linears(model, linears, stats, bits, quantizer, layer_widths, records)
+        times["quantize"] = times.get("quantize", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        inputs.states = run_block(block, inputs, i)
+        hooks.done(i, block)
+        times["propagate"] = times.get("propagate", 0.0) + time.perf_counter() - t
+    return records
 
 
 def _output_projection(model: nn.Module) -> tuple[str, nn.Linear]:
