@@ -585,14 +585,16 @@ class Family:
     rows_per_block: Callable[[dict], int]
     batch_rows: Callable[[dict], Optional[int]]  # the m a block covers; None: the decode path (m > kGemmMaxM)
     label: Callable[[dict], str]
+    dynamic_shared: Callable[[dict], int] = lambda c: 0  # the most dynamic shared memory a launch requests
 
 
 FAMILIES = (
     Family("gemv", "gemv.cu", "cmpq_gemv_kernel",
-           weights_per_thread=lambda c: c["ROWS_PER_WARP"] * c["kGroupCodes"],
-           staged_per_thread=lambda c: c["M"] * c["kChunkCols"] // (c["WARPS"] * c["kWarpSize"]),
-           threads=lambda c: c["WARPS"] * c["kWarpSize"], rows_per_block=lambda c: c["WARPS"] * c["ROWS_PER_WARP"],
-           batch_rows=lambda c: c["M"], label=lambda c: f"m={c['M']}"),
+           weights_per_thread=lambda c: c["kLaneGroups"] * c["kLaneRows"] * c["kGroupCodes"],
+           staged_per_thread=lambda c: 0,
+           threads=lambda c: c["kThreads"], rows_per_block=lambda c: c["kTileRows"],
+           batch_rows=lambda c: c["M"], label=lambda c: f"m={c['M']}",
+           dynamic_shared=lambda c: c["kTablesBytes"]),
     Family("gemm", "gemm_tc.cu", "cmpq_gemm_kernel",
            weights_per_thread=lambda c: c["kBlockN"] * c["kBlockK"] // c["kThreads"],
            staged_per_thread=lambda c: c["kBlockM"] * c["kBlockK"] // c["kThreads"],
@@ -642,33 +644,47 @@ BASE = re.compile(r"\[(R\d+)(?:\.64)?(?:\+(0x[0-9a-f]+))?\]")
 
 
 def weight_loads(block: Block) -> list[int]:
-    """Bit widths of the packed groups this block loads: global loads from one base register at consecutive
-    offsets from 0, totalling 4·b bytes for b in ``SEGMENT_BITS``."""
+    """Bit widths of the packed groups this block loads: runs of 32-, 64- or 128-bit read-only global loads
+    (``load_group``'s ``__ldg``: LDG...CONSTANT) from one base register at consecutive offsets, each run totalling
+    4·b bytes for b in ``SEGMENT_BITS``. A thread may load several groups from one base at immediate offsets; a
+    run of any other length (the GEMV's 64-byte activation slices) is not a group, nor are plain loads (CSR
+    indices in the outlier loops)."""
     spans: dict[str, list[tuple[int, int]]] = {}
     for ins in block.instructions:
-        match = BASE.search(ins.operands) if ins.root == "LDG" else None
+        weight = ins.root == "LDG" and "CONSTANT" in ins.opcode.split(".") and access_bytes(ins) >= 4
+        match = BASE.search(ins.operands) if weight else None
         if match:
             spans.setdefault(match.group(1), []).append((int(match.group(2) or "0", 16), access_bytes(ins)))
     widths = []
     for pieces in spans.values():
         pieces.sort()
-        contiguous = all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:])) and pieces[0][0] == 0
-        total = sum(n for _, n in pieces)
-        if contiguous and total % 4 == 0 and total // 4 in SEGMENT_BITS:
-            widths.append(total // 4)
+        runs = [[pieces[0]]]
+        for piece in pieces[1:]:
+            if runs[-1][-1][0] + runs[-1][-1][1] == piece[0]:
+                runs[-1].append(piece)
+            else:
+                runs.append([piece])
+        for run in runs:
+            total = sum(n for _, n in run)
+            if total % 4 == 0 and total // 4 in SEGMENT_BITS:
+                widths.append(total // 4)
     return widths
 
 
-def hot_loop(cfg: ControlFlow) -> tuple[Loop, dict[int, list[int]]]:
-    """The innermost loop holding weight loads of every width, and its load blocks per width in address order."""
+def hot_loops(cfg: ControlFlow) -> dict[int, tuple[Loop, list[int]]]:
+    """Per width: the innermost loop holding weight loads of that width, and its load blocks in address order.
+    The mixed-width kernels (GEMM, decode) dispatch per group inside one loop, the same for every width; the
+    GEMV runs one loop per segment."""
+    found: dict[int, tuple[Loop, list[int]]] = {}
     for loop in cfg.loops:  # smallest first
-        by_width: dict[int, list[int]] = {}
-        for b in sorted(loop.blocks):
-            for width in weight_loads(cfg.blocks[b]):
-                by_width.setdefault(width, []).append(b)
-        if set(by_width) == set(SEGMENT_BITS):
-            return loop, by_width
-    raise PathError(f"{cfg.function.name}: no loop loads groups of every width {SEGMENT_BITS}")
+        for width in SEGMENT_BITS:
+            blocks = [b for b in sorted(loop.blocks) if width in weight_loads(cfg.blocks[b])]
+            if blocks and width not in found:
+                found[width] = (loop, blocks)
+    missing = set(SEGMENT_BITS) - set(found)
+    if missing:
+        raise PathError(f"{cfg.function.name}: no loop loads groups of width {sorted(missing)}")
+    return found
 
 
 def per_iteration(cfg: ControlFlow, loop: Loop, staged_per_thread: int) -> Callable[[Sequence[int]], Counter]:
@@ -695,14 +711,12 @@ def per_iteration(cfg: ControlFlow, loop: Loop, staged_per_thread: int) -> Calla
 def analyse_function(function: Function, instance: Instance) -> dict[int, dict]:
     """Per width: the counts per weight of one steady-state iteration (see the module docstring)."""
     cfg = ControlFlow(function)
-    loop, loads = hot_loop(cfg)
     constants = instance.constants
     weights = instance.family.weights_per_thread(constants)
-    cost = per_iteration(cfg, loop, instance.family.staged_per_thread(constants))
     out = {}
-    for width in SEGMENT_BITS:
-        counts = cost(loads[width])
-        weight_bytes = sum(4 * w for b in loads[width] for w in weight_loads(cfg.blocks[b]) if w == width)
+    for width, (loop, loads) in hot_loops(cfg).items():
+        counts = per_iteration(cfg, loop, instance.family.staged_per_thread(constants))(loads)
+        weight_bytes = sum(4 * w for b in loads for w in weight_loads(cfg.blocks[b]) if w == width)
         if weight_bytes * 8 != weights * width:
             raise PathError(f"{instance.name}: {width}-bit path loads {weight_bytes} weight bytes per thread, the "
                             f"source says {weights} weights per iteration ({weights * width // 8} bytes)")
@@ -719,7 +733,7 @@ def analyse_function(function: Function, instance: Instance) -> dict[int, dict]:
             "weight_bytes_per_warp_iteration": WARP_LANES * weight_bytes,
             "classes_per_weight": per_weight,
         }
-    return out
+    return dict(sorted(out.items(), reverse=True))
 
 
 def analyse_cubin(cubin: Path) -> dict[str, dict]:
@@ -734,6 +748,7 @@ def analyse_cubin(cubin: Path) -> dict[str, dict]:
                 "family": family.name, "dtype": instance.dtype, "symbol": mangled,
                 "threads": family.threads(c), "rows_per_block": family.rows_per_block(c),
                 "batch_rows": family.batch_rows(c), **resources[mangled],
+                "dynamic_shared_bytes": family.dynamic_shared(c),
                 "widths": {str(w): v for w, v in analyse_function(functions[mangled], instance).items()},
             }
     return result
@@ -766,6 +781,11 @@ def blocks_per_sm(device: Device, registers: int, shared_bytes: int, threads: in
     return min(limits)
 
 
+def block_shared_bytes(kernel: dict) -> int:
+    """Static shared memory plus the most dynamic shared memory a launch requests."""
+    return kernel["shared_bytes"] + kernel.get("dynamic_shared_bytes", 0)
+
+
 def width_mix(k: int, bits: float) -> dict[int, float]:
     """Fraction of a layer's weights at each width (the allocator's two-width split)."""
     return {w: size / k for w, size in zip(SEGMENT_BITS, segment_sizes(k, bits)) if size}
@@ -784,7 +804,7 @@ def predict(kernel: dict, device: Device, n: int, k: int, bits: float) -> dict:
     hbm_bytes = sum(f * w / 8 for w, f in mix.items()) + mixed(widths, mix, "stg_bytes_per_weight")
     grid = math.ceil(n / kernel["rows_per_block"])
     balance = grid / (device.sms * math.ceil(grid / device.sms))  # the busiest SM runs ceil(grid / SMs) blocks
-    resident = min(blocks_per_sm(device, kernel["registers"], kernel["shared_bytes"], kernel["threads"]),
+    resident = min(blocks_per_sm(device, kernel["registers"], block_shared_bytes(kernel), kernel["threads"]),
                    math.ceil(grid / device.sms))
     warps = resident * kernel["threads"] // WARP_LANES
     in_flight = warps * mixed(widths, mix, "weight_bytes_per_warp_iteration")
@@ -878,9 +898,9 @@ def counts_table(per_arch: dict[str, dict], device: Optional[Device]) -> list[st
     keys = ("instructions_per_weight", "lds_per_weight", "shared_wavefronts_per_weight")
     cells = []
     for name, kernel in per_arch.items():
-        occupancy = [str(blocks_per_sm(device, kernel["registers"], kernel["shared_bytes"], kernel["threads"]))] \
+        occupancy = [str(blocks_per_sm(device, kernel["registers"], block_shared_bytes(kernel), kernel["threads"]))] \
             if device else []
-        cells.append([name, str(kernel["registers"]), str(kernel["shared_bytes"]), str(kernel["threads"]),
+        cells.append([name, str(kernel["registers"]), str(block_shared_bytes(kernel)), str(kernel["threads"]),
                       *occupancy, *(f"{kernel['widths'][str(w)][key]:.2f}" for key in keys for w in SEGMENT_BITS)])
     return markdown_table(header, cells)
 

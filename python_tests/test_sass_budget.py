@@ -59,8 +59,9 @@ LISTING = """
 def synthetic():
     function = sb.parse_sass(LISTING)["synthetic"]
     cfg = sb.ControlFlow(function)
-    loop, loads = sb.hot_loop(cfg)
-    return cfg, loop, loads
+    loops = sb.hot_loops(cfg)
+    (loop,) = {loop for loop, _ in loops.values()}  # one mixed-width loop, as in the GEMM and decode kernels
+    return cfg, loop, {width: blocks for width, (_, blocks) in loops.items()}
 
 
 def test_parser_reads_predicates_opcodes_and_labels():
