@@ -173,20 +173,19 @@ struct SegmentPass {
   const uint32_t* lo;  // row g's words of the lane's first group of the current iteration
   const uint32_t* hi;  // row g + 8's
   const uint4* xs;     // xw at batch row min(g, m - 1), the same group
-  int remaining;       // groups of the segment from that group on (the lane's group t is group 0)
 
   CMPQ_DEVICE_INLINE void advance(int iterations) {
     lo += iterations * kIterGroups * BITS;
     hi += iterations * kIterGroups * BITS;
     xs += iterations * kIterGroups * kGroupVectors;
-    remaining -= iterations * kIterGroups;
   }
 
   // Groups t + 4j (j < kLaneGroups) of the iteration, both rows. Lanes of batch rows >= m load batch row
   // m - 1 again: B's column g only reaches C's column g, which nobody reads. kTail masks groups past the
-  // segment's end (zero words and activations: a finite codebook value times zero).
+  // segment's end, `remaining` groups from the lane's first (zero words and activations: a finite codebook
+  // value times zero).
   template <bool kTail>
-  CMPQ_DEVICE_INLINE void iteration(float (&acc)[4]) const {
+  CMPQ_DEVICE_INLINE void iteration(float (&acc)[4], int remaining = 0) const {
     uint32_t lo_words[kLaneGroups][BITS], hi_words[kLaneGroups][BITS];
 #pragma unroll
     for (int j = 0; j < kLaneGroups; ++j) {
@@ -281,7 +280,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     pass.hi = layer.row_codes(s, row_hi) + t * kBits;
     pass.xs = reinterpret_cast<const uint4*>(xw + static_cast<int64_t>(min(g, M - 1)) * layer.k +
                                              (layer.group_begin(s) + t) * kGroupCodes);
-    pass.remaining = groups - t;
     const int full = groups / kIterGroups;
     int it = ((warp - iterations_before) % kWarps + kWarps) % kWarps;
     pass.advance(it);
@@ -289,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       pass.template iteration<false>(acc);
       pass.advance(kWarps);
     }
-    if (it < iterations) pass.template iteration<true>(acc);
+    if (it < iterations) pass.template iteration<true>(acc, groups - t - it * kIterGroups);
     iterations_before += iterations;
   };
   run_segment(SegmentTraits<4>{});
