@@ -11,33 +11,35 @@ What it does
      provide them, and :func:`find_tool` looks them up among the installed package files.
   3. Builds each kernel's control-flow graph (basic blocks and their branch edges), finds its dominators and
      the natural loop of every back edge (an edge to a block that dominates its source).
-  4. Finds the steady-state loop: the innermost loop that holds the weight loads of all three widths. A weight
-     load is a set of global loads from one base register that together read one packed group, 4·b bytes for b
-     bits (``load_group`` in decode.cuh: one 128-bit load for 4-bit, one 64-bit load for 2-bit, three 32-bit
-     loads for 3-bit).
-  5. Counts one iteration of that loop per width. The kernels are mixed-width through ``with_segment_bits``:
-     one loop whose body branches, per group, to one of three decode bodies. So the count for width b is
-     the cheapest path through one iteration (back edges removed) that passes every width-b weight load
-     and every staging loop. The cheapest path skips what the steady state never runs: rows or groups
-     out of range, the other widths, and the peeled remainder of an unrolled staging loop (skipped when the
-     per-thread element count is a multiple of the unroll, which is checked). Code for rare values is
-     excluded outright, because it can be cheaper than the common case: blocks with the fp16 infinity
-     exponent 0x7f800000 (the inf/NaN case of ``half_bits_to_float``) and inner loops without memory
-     accesses (its subnormal renormalisation).
+  4. Finds the steady-state loop of each width b: the innermost loop that loads width-b groups. A weight load is
+     a run of read-only (``__ldg``: LDG...CONSTANT) global loads from one base register at consecutive offsets
+     that together read one packed group, 4·b bytes (``load_group`` in decode.cuh: one 128-bit load for 4-bit,
+     one 64-bit load for 2-bit, three 32-bit loads for 3-bit); a thread may load several groups from one base
+     at immediate offsets. The GEMM and decode kernels are mixed-width through ``with_segment_bits``: one loop
+     whose body branches, per group, to one of three decode bodies, the same loop for every width. The GEMV
+     runs one loop per segment.
+  5. Counts one iteration of that loop per width: the cheapest path through one iteration (back edges
+     removed) that passes every width-b weight load and every staging loop. The cheapest path skips what
+     the steady state never runs: rows or groups out of range, the other widths, and the peeled remainder
+     of an unrolled staging loop (skipped when the per-thread element count is a multiple of the unroll,
+     which is checked). Code for rare values is excluded outright, because it can be cheaper than the
+     common case: blocks with the fp16 infinity exponent 0x7f800000 (the inf/NaN case of
+     ``half_bits_to_float``) and inner loops without memory accesses (its subnormal renormalisation).
      An inner loop that stores to shared memory is a staging loop (x gathered through ``perm``). It counts
      (elements per thread / its stores per iteration) times its own cheapest iteration.
   6. Divides by the weights a thread consumes per iteration, derived from the kernel source:
-       gemv<T, M, WARPS, ROWS_PER_WARP>: per chunk, lane l decodes group l of each of its warp's ROWS_PER_WARP
-         rows, so ROWS_PER_WARP · kGroupCodes weights; it stages M · kChunkCols / (WARPS · kWarpSize)
-         elements of x.
+       gemv<T, M>: per iteration a lane decodes kLaneGroups groups of each of its kLaneRows rows (rows g and
+         g + 8 of the mma tile), so kLaneGroups · kLaneRows · kGroupCodes weights; x was gathered by a
+         separate kernel, so no staging.
        gemm<T, MT>: per K step the block decodes kBlockN · kBlockK weights with kThreads threads (one group
          each), so kBlockN · kBlockK / kThreads; it stages kBlockM · kBlockK / kThreads elements of x.
        decode<T>: one group per thread per iteration, so kGroupCodes weights, and no staging.
      The constants are read from the ``.cu`` files and template arguments from the symbol names. The
      weight-load bytes on the path must equal weights · b / 8, which cross-checks both.
 
-Per kernel it reports registers, static shared memory, blocks per SM (occupancy from the published compute
-capability 9.0 limits), and per width and weight: issued instructions by class, shared-memory
+Per kernel it reports registers, shared memory (static plus the most dynamic shared memory a launch requests:
+the GEMV's pair tables, ``kTablesBytes``), blocks per SM (occupancy from the published compute capability 9.0
+limits), and per width and weight: issued instructions by class, shared-memory
 wavefronts, and global bytes. A warp issues in order, and none of these kernels prefetches across iterations,
 so at most one iteration's weight loads per warp are in flight. Times the warps resident on an SM, that
 gives the weight bytes in flight per SM.
@@ -49,7 +51,8 @@ Model (per device; a layer's bits mix the widths by ``segment_sizes``):
   HBM bound     bandwidth / (stored code bytes per weight + global bytes stored per weight)
 The two SM-side bounds are scaled by the block balance: the busiest SM runs ceil(blocks / SMs) blocks.
 The prediction is the smallest bound, and ``predicted_hbm_fraction`` is that bound divided by the HBM
-bound.
+bound. ``sm_headroom`` is the tighter SM-side bound (issue or shared) divided by the HBM bound: above 1 the
+HBM bound binds, with that much to spare.
 
 What the model cannot see is listed in ``BLIND_SPOTS`` (and printed with the report).
 
@@ -107,8 +110,10 @@ BLIND_SPOTS = (
     "beyond the resident-warp count, scheduling stalls and dependency chains. Dual issue and per-pipe limits: an "
     "HMMA's tensor-pipe time, MUFU, and IMAD on the FMA pipe all count as one issue slot. Bank conflicts: "
     "accesses are assumed conflict-free. Cache hits: x, perm and the codebooks are assumed to stay in L1/L2 "
-    "and cost no HBM traffic. Work outside the steady-state loop: codebook tables, outliers (≈ 0.16 bits per "
-    "weight of traffic at 0.5 % density), the reduction and the epilogue.")
+    "and cost no HBM traffic. Work outside the steady-state loop: codebook tables (the GEMV fills 16-row pair "
+    "tables once per block: 16 + 4 sixteen-byte stores per thread with 4- and 3-bit segments), the GEMV's "
+    "separate gather launch (x[:, perm] to an fp16 workspace), outliers (≈ 0.16 bits per weight of traffic at "
+    "0.5 % density), the reduction and the epilogue.")
 WARP_LANES = 32
 SHARED_WAVEFRONT_BYTES = 128  # 32 banks x 4 B: what shared memory serves per clock per SM
 
@@ -820,6 +825,7 @@ def predict(kernel: dict, device: Device, n: int, k: int, bits: float) -> dict:
         "latency_covered_ns": in_flight / (device.hbm_bytes_per_s / device.sms) * 1e9,
         **{f"{name}_bound_weights_per_s": bound for name, bound in bounds.items()}, "binding_bound": binding,
         "predicted_hbm_fraction": bounds[binding] / bounds["hbm"],
+        "sm_headroom": min(b for name, b in bounds.items() if name != "hbm" and b is not None) / bounds["hbm"],
     }
 
 
@@ -905,6 +911,14 @@ def counts_table(per_arch: dict[str, dict], device: Optional[Device]) -> list[st
     return markdown_table(header, cells)
 
 
+def cell(row: dict) -> str:
+    """Predicted HBM fraction and the binding bound; where HBM binds, the SM-side headroom (×1.15: the issue or
+    shared bound is 15 % above it)."""
+    if row["binding_bound"] == "hbm":
+        return f"{row['predicted_hbm_fraction']:.2f} (hbm ×{row['sm_headroom']:.2f})"
+    return f"{row['predicted_hbm_fraction']:.2f} ({row['binding_bound']})"
+
+
 def prediction_table(rows: list[dict], device: Device) -> list[str]:
     """One line per kernel and shape, one cell per bits: predicted HBM fraction and its binding bound."""
     header = ["kernel", "m", "n × k", *(f"{b:g} bits" for b in BITS), "in flight / SM (3 bits)"]
@@ -915,7 +929,7 @@ def prediction_table(rows: list[dict], device: Device) -> list[str]:
     cells = []
     for (name, m, n, k), by_bits in lines.items():
         cells.append([name, "> 128" if m is None else str(m), f"{n}×{k}",
-                      *(f"{by_bits[b]['predicted_hbm_fraction']:.2f} ({by_bits[b]['binding_bound']})" for b in BITS),
+                      *(cell(by_bits[b]) for b in BITS),
                       f"{by_bits[3.0]['weight_bytes_in_flight_per_sm'] / 1024:.1f} KiB = "
                       f"{by_bits[3.0]['latency_covered_ns']:.0f} ns"])
     return markdown_table(header, cells, text_columns=(0, 2))
@@ -953,8 +967,9 @@ def markdown(doc: dict) -> str:
     for device in DEVICES:
         out += [f"## {device.name}: predicted fraction of HBM bandwidth (fp16; {PREDICTION_LABEL})", "",
                 f"{device.sms} SMs, {device.clock_hz / 1e9:.2f} GHz, {device.hbm_bytes_per_s / 1e12:.2f} TB/s. "
-                "Cell: predicted fraction (binding bound: issue, shared or hbm). Last column: weight bytes in "
-                "flight per SM at 3 bits, and the DRAM latency they would cover at full bandwidth.", "",
+                "Cell: predicted fraction (binding bound: issue, shared or hbm; where hbm binds, ×h: the nearer "
+                "SM-side bound is h times the HBM bound). Last column: weight bytes in flight per SM at 3 bits, and "
+                "the DRAM latency they would cover at full bandwidth.", "",
                 *prediction_table(rows, device), ""]
     out += ["## What the static model cannot see", "", doc["blind_spots"], ""]
     return "\n".join(out)
