@@ -1,42 +1,46 @@
 // gemv.cu — fused mixed-bit GEMV for decode batches (m = 1..8) on tensor cores: all segments and outliers.
 //
-// Two launches. A gather kernel writes x[:, perm] once per call into a workspace (`xw`, m x k elements of
-// the activation type), each 32-column group's slice in the order the decode below produces its weights.
-// The GEMV then reads activations contiguously and never touches perm in its hot loop.
+// Two launches. A gather kernel writes x[:, perm] once per call into an fp16 workspace (`xw`, m x k), each
+// 32-column group's slice in the order the decode below produces that group's weights (slot_code). The
+// GEMV then reads activations contiguously and never touches perm in its hot loop. Products are taken in
+// fp16 whatever the activation type: the fp16 codebook values stay exact, and a bf16 row is first scaled by
+// a power of two that puts its largest |x| in [2^14, 2^15) (scale_exponent; undone in FP32 at the end).
 //
-// Work split. A block of kWarps warps owns one 16-row tile (kTileRows). All its warps share the tile's
-// rows and split K: per segment, an iteration covers kIterGroups consecutive groups of every row, and the
-// warps take iterations round-robin (numbered across the segments, so every warp gets work). Lane
-// (g = lane / 4, t = lane % 4) decodes rows g and g + 8 of groups t, t + 4, t + 8, t + 12 of its
-// iteration: per load instruction a quad reads 4 consecutive groups of one row (64 / 48 / 32 contiguous
-// bytes for 4 / 3 / 2 bits), so every DRAM sector is fully used.
+// Work split. A block of kWarps = 8 warps owns one 16-row tile (kTileRows, the mma's M). Its warps share
+// the tile's rows and split K: per segment, an iteration covers kIterGroups = 16 consecutive groups of
+// both of a lane's rows, and warps take iterations round-robin, numbered across the segments so that every
+// warp gets work. Lane (g = lane / 4, t = lane % 4) decodes rows g and g + 8 of groups t, t + 4, t + 8,
+// t + 12 of the iteration: per load instruction a quad reads 4 consecutive groups of one row (64 / 48 / 32
+// contiguous bytes for 4 / 3 / 2 bits), so every DRAM sector it touches is fully used.
 //
-// Tensor cores. Each group is 8 steps of mma.m16n8k16 (FP32 accumulation): the A fragment is the 16
-// rows' decoded weights, B is the activations of batch rows 0..7 (lanes of batch rows >= m hold zeros;
-// their loads are predicated off), C stays in 4 registers per lane. K is a dummy index of the mma, so
-// lane t's k slots carry four codes of its own group per step, in whatever order its decode yields them;
-// the gather kernel lays x out in the same order (slot_code). One HMMA covers 256 weights for all m <= 8.
+// Tensor cores. Each group is 8 k-steps of mma.m16n8k16 (FP32 accumulation): A is the 16 rows' decoded
+// weights, B the activations of batch rows 0..7, C stays in 4 registers per lane. K is a dummy index of
+// the mma, so lane t's k slots carry four codes of its own group per step, in whatever order its decode
+// yields them, and xw is laid out to match. Lanes of batch rows >= m load row m - 1 again (same addresses,
+// no extra traffic, no zeroing): B's column j only reaches C's column j, which is never read. One HMMA
+// covers 256 weights for every m <= 8, so the cost per weight does not grow with m.
 //
-// Decode to the A fragment (16-bit pairs in the activation type; bf16 rounds the fp16 codebook once):
-//   4-bit  a pair of codes is one byte, and a 256-entry pair table sits in shared memory. One PRMT builds
-//          the table address straight from the byte (entry * 256 + lane * 4), one LDS reads the pair.
-//   3-bit  a 64-entry pair table; the 6-bit pair field needs a shift and a mask-or (SHF + LOP3) + LDS.
-//   2-bit  no memory: the row's four codebook values are two registers, and PRMT selects a pair from
-//          them. One LOP3 (and a SHF) spreads four codes into bytes, one IMAD.WIDE turns them into two
-//          PRMT selectors (x * 0x220022 + 0x101000001010: nibbles 2c, 2c+1 of each code), two PRMTs.
-// Pair tables hold one copy per lane ([entry][row g / g + 8][lane] words), so the 32 lanes of a lookup
-// read 32 different banks whatever their codes: no bank conflicts, at 80 KB of shared memory per block
-// when the layer has 4-bit and 3-bit segments (16 KB for 3-bit only, 4 KB for 2-bit only). The block
-// builds them once (a 16-byte store writes the four lanes' copies of one entry).
+// Decode to the A fragment (fp16 pairs):
+//   4-bit  a pair of codes is one byte; a 256-entry pair table sits in shared memory, and one PRMT builds
+//          the table address straight from the byte (entry * 256 + lane * 4): PRMT + LDS per 2 weights.
+//   3-bit  a 64-entry pair table; the 6-bit pair field takes SHF + LOP3 (+ LDS) per 2 weights.
+//   2-bit  no memory: the row's four codebook values are two registers and PRMT selects a pair from them.
+//          LOP3 (after a SHF for 3 of 4 shifts) spreads four codes into bytes, one IMAD.WIDE makes two PRMT
+//          selectors of them (x * 0x220022 + 0x101000001010), two PRMTs: ~4.75 instructions per 4 weights.
+// Pair tables hold one copy per lane ([entry][row g, row g + 8][lane] words), so the 32 lanes of a lookup
+// read 32 different banks whatever their codes: no bank conflicts, for 80 KB of shared memory per block
+// when the layer has 4-bit and 3-bit segments (16 KB with 3-bit only, 4 KB otherwise): 2 blocks per SM.
+// The block fills them once (each 16-byte store writes one entry for the four lanes that look it up).
 //
-// Predicted per-weight cost of the steady-state loop (sm_90a; PREDICTION, read from SASS by
-// bench/sass_budget.py, see bench/results/sass_budget.md): instructions ~1.3 / ~1.9 / ~1.4 and LDS
-// 0.5 / 0.5 / 0 at 4 / 3 / 2 bits, the same for every m <= 8 — within what an H200 issues at full HBM
-// bandwidth (DESIGN.md §3.5).
+// Predicted per-weight cost of the steady-state loops (PREDICTION from static SASS counts, sm_90a, every
+// m <= 8; bench/sass_budget.py, bench/results/sass_budget.md): 1.28 / 1.96 / 1.47 issued instructions and
+// 0.5 / 0.5 / 0 LDS per weight at 4 / 3 / 2 bits, against the 3.5 / 2.6 / 1.7 and 0.87 / 0.65 / 0.44 an
+// H200 can afford at full HBM bandwidth (DESIGN.md §3.5); 2-4 KB of weights in flight per warp iteration.
+// Not in those counts: the gather launch, the table fill and the epilogue below.
 //
-// Outliers, bias, reduction: each warp's C fragments go to shared memory; per row, a warp adds the
-// other warps' partial sums in warp order, its lanes stride over the row's CSR entries (x[perm[col]]
-// from global memory), a fixed xor butterfly reduces them and lane 0 adds the bias and writes. No
+// Outliers, bias, reduction: each warp's C fragments go to shared memory; per row, a warp's lanes stride
+// over the row's CSR entries (x[perm[col]] from global memory), a fixed xor butterfly reduces them, and
+// lane 0 adds the warps' partial sums in warp order (scaled back by 2^-s) and the bias, and writes. No
 // atomics: deterministic.
 #include <type_traits>
 
@@ -100,7 +104,8 @@ CMPQ_DEVICE_INLINE int row_scale_exponent(const T* absmax, int batch_row) {
 }
 
 // The A fragment of k-step e (0..7) of one group, from row g's words `lo` and row g + 8's words `hi`:
-// a[0], a[2] = row g's pairs 2e, 2e + 1; a[1], a[3] = row g + 8's (PTX m16n8k16 layout).
+// a[0], a[2] = row g's pairs 2e, 2e + 1; a[1], a[3] = row g + 8's (PTX m16n8k16 layout). Bit positions
+// come from cmpq_layout.h (code_word, code_shift, spare_field_3bit), fused into the table addresses.
 template <int BITS>
 struct Decoder;
 
@@ -108,15 +113,17 @@ template <>
 struct Decoder<4> {
   ptx::SharedAddress table;  // smem + kTable4Offset
   uint32_t lane4;            // lane * 4: this lane's column of every entry
-  // Pair i = byte i % 4 of word i / 4; PRMT puts it in byte 1 over lane4 in byte 0: entry * 256 + lane * 4.
-  CMPQ_DEVICE_INLINE uint32_t lookup(uint32_t word, int byte, int row_offset) const {
-    return ptx::ld_shared_u32(table + row_offset, ptx::prmt(word, lane4, 0x5504u | (byte << 4)));
+  // Pair i is a whole byte; PRMT puts it in byte 1 over lane4 in byte 0: entry * 256 + lane * 4.
+  CMPQ_DEVICE_INLINE uint32_t lookup(const uint32_t* words, int i, int row_offset) const {
+    static_assert(code_shift<4>(2) == 8 && code_shift<4>(8) == 0, "4-bit pairs are bytes");
+    const uint32_t byte = code_shift<4>(2 * i) / 8;
+    return ptx::ld_shared_u32(table + row_offset, ptx::prmt(words[code_word<4>(2 * i)], lane4, 0x5504u | byte << 4));
   }
   CMPQ_DEVICE_INLINE void fragment(const uint32_t* lo, const uint32_t* hi, int e, uint32_t (&a)[4]) const {
-    a[0] = lookup(lo[e / 2], (2 * e) % 4, 0);
-    a[1] = lookup(hi[e / 2], (2 * e) % 4, kHiRowBytes);
-    a[2] = lookup(lo[e / 2], (2 * e + 1) % 4, 0);
-    a[3] = lookup(hi[e / 2], (2 * e + 1) % 4, kHiRowBytes);
+    a[0] = lookup(lo, 2 * e, 0);
+    a[1] = lookup(hi, 2 * e, kHiRowBytes);
+    a[2] = lookup(lo, 2 * e + 1, 0);
+    a[3] = lookup(hi, 2 * e + 1, kHiRowBytes);
   }
 };
 
@@ -124,15 +131,16 @@ template <>
 struct Decoder<3> {
   ptx::SharedAddress table;  // smem + kTable3Offset
   uint32_t lane4;
-  // Pair i < 15 is the 6-bit field at bit 6 * (i % 5) of word i / 5, moved to bits 8..13 (entry * 256);
-  // pair 15 is the spare field, bits 30..31 of the three words.
+  // Pair i < 15: the 6-bit field from code 2i's position, moved to bits 8..13 (entry * 256) by one shift;
+  // pair 15 is the spare field (spare_field_3bit), its three 2-bit pieces moved to bits 8, 10, 12.
   CMPQ_DEVICE_INLINE uint32_t address(const uint32_t* words, int i) const {
-    if (i == SegmentTraits<3>::kPairsPerGroup - 1) {  // (w0[31:30] | w1[31:30] << 2 | w2[31:30] << 4) << 8
-      const uint32_t a = ptx::lop3<0xea>(words[0] >> 22, 0x300u, lane4);
-      return ptx::lop3<0xea>(words[2] >> 18, 0x3000u, ptx::lop3<0xea>(words[1] >> 20, 0xc00u, a));
+    if (i == SegmentTraits<3>::kPairsPerGroup - 1) {
+      const uint32_t a = ptx::lop3<0xea>(words[0] >> (kSpareShift3 - 8), 0x300u, lane4);
+      const uint32_t b = ptx::lop3<0xea>(words[1] >> (kSpareShift3 - 10), 0xc00u, a);
+      return ptx::lop3<0xea>(words[2] >> (kSpareShift3 - 12), 0x3000u, b);
     }
-    const int shift = 6 * (i % 5) - 8;
-    const uint32_t w = words[i / 5];
+    const int shift = code_shift<3>(2 * i) - 8;
+    const uint32_t w = words[code_word<3>(2 * i)];
     return ptx::lop3<0xea>(shift >= 0 ? w >> shift : w << -shift, 0x3f00u, lane4);  // (w' & 0x3f00) | lane4
   }
   CMPQ_DEVICE_INLINE void fragment(const uint32_t* lo, const uint32_t* hi, int e, uint32_t (&a)[4]) const {
@@ -143,19 +151,23 @@ struct Decoder<3> {
   }
 };
 
+// 2-bit step s of word w spreads codes 16w + s + 4b (b = 0..3) into bytes: they sit at bits 2s + 8b.
+static_assert(code_shift<2>(1) == 2 && code_shift<2>(4) == 8 && code_word<2>(16) == 1, "2-bit codes by position");
+
 template <>
 struct Decoder<2> {
-  uint32_t lo01, lo23, hi01, hi23;  // rows g and g + 8: codebook values {0, 1} and {2, 3} as 16-bit pairs
-  // Codes s, s+4, s+8, s+12 of a word in bytes 0..3; times 0x22 each byte holds nibbles 2c, 2c: +0x10
-  // makes them the PRMT selector bytes 2c, 2c+1 of value c in {v23 : v01}. The high 32 bits of the
-  // product receive bytes 2..3 (0x220022 = 0x22 + 0x22 << 16; no carries, every byte is <= 0x66 + 0x10).
-  static CMPQ_DEVICE_INLINE uint64_t selectors(uint32_t word, int s) {
-    const uint32_t spread = (word >> (2 * s)) & 0x03030303u;
+  uint32_t lo01, lo23, hi01, hi23;  // rows g and g + 8: codebook values {0, 1} and {2, 3} as fp16 pairs
+  // Four codes in bytes 0..3; times 0x22 each byte holds nibbles 2c, 2c: +0x10 makes them the PRMT
+  // selector nibbles 2c, 2c+1 of value c in {v23 : v01}. The high 32 bits of the product receive bytes
+  // 2..3 (0x220022 = 0x22 + 0x22 << 16; no carries, every byte is <= 0x66 + 0x10).
+  static CMPQ_DEVICE_INLINE uint64_t selectors(const uint32_t* words, int e) {
+    const int first = 16 * (e / 4) + e % 4;  // step e spreads codes first + 4b (slot_code)
+    const uint32_t spread = (words[code_word<2>(first)] >> code_shift<2>(first)) & 0x03030303u;
     return static_cast<uint64_t>(spread) * 0x220022u + 0x0000101000001010ull;
   }
   CMPQ_DEVICE_INLINE void fragment(const uint32_t* lo, const uint32_t* hi, int e, uint32_t (&a)[4]) const {
-    const uint64_t sel_lo = selectors(lo[e / 4], e % 4);
-    const uint64_t sel_hi = selectors(hi[e / 4], e % 4);
+    const uint64_t sel_lo = selectors(lo, e);
+    const uint64_t sel_hi = selectors(hi, e);
     a[0] = ptx::prmt(lo01, lo23, static_cast<uint32_t>(sel_lo));
     a[1] = ptx::prmt(hi01, hi23, static_cast<uint32_t>(sel_hi));
     a[2] = ptx::prmt(lo01, lo23, static_cast<uint32_t>(sel_lo >> 32));
