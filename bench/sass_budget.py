@@ -11,33 +11,35 @@ What it does
      provide them, and :func:`find_tool` looks them up among the installed package files.
   3. Builds each kernel's control-flow graph (basic blocks and their branch edges), finds its dominators and
      the natural loop of every back edge (an edge to a block that dominates its source).
-  4. Finds the steady-state loop: the innermost loop that holds the weight loads of all three widths. A weight
-     load is a set of global loads from one base register that together read one packed group, 4·b bytes for b
-     bits (``load_group`` in decode.cuh: one 128-bit load for 4-bit, one 64-bit load for 2-bit, three 32-bit
-     loads for 3-bit).
-  5. Counts one iteration of that loop per width. The kernels are mixed-width through ``with_segment_bits``:
-     one loop whose body branches, per group, to one of three decode bodies. So the count for width b is
-     the cheapest path through one iteration (back edges removed) that passes every width-b weight load
-     and every staging loop. The cheapest path skips what the steady state never runs: rows or groups
-     out of range, the other widths, and the peeled remainder of an unrolled staging loop (skipped when the
-     per-thread element count is a multiple of the unroll, which is checked). Code for rare values is
-     excluded outright, because it can be cheaper than the common case: blocks with the fp16 infinity
-     exponent 0x7f800000 (the inf/NaN case of ``half_bits_to_float``) and inner loops without memory
-     accesses (its subnormal renormalisation).
+  4. Finds the steady-state loop of each width b: the innermost loop that loads width-b groups. A weight load is
+     a run of read-only (``__ldg``: LDG...CONSTANT) global loads from one base register at consecutive offsets
+     that together read one packed group, 4·b bytes (``load_group`` in decode.cuh: one 128-bit load for 4-bit,
+     one 64-bit load for 2-bit, three 32-bit loads for 3-bit); a thread may load several groups from one base
+     at immediate offsets. The GEMM and decode kernels are mixed-width through ``with_segment_bits``: one loop
+     whose body branches, per group, to one of three decode bodies, the same loop for every width. The GEMV
+     runs one loop per segment.
+  5. Counts one iteration of that loop per width: the cheapest path through one iteration (back edges
+     removed) that passes every width-b weight load and every staging loop. The cheapest path skips what
+     the steady state never runs: rows or groups out of range, the other widths, and the peeled remainder
+     of an unrolled staging loop (skipped when the per-thread element count is a multiple of the unroll,
+     which is checked). Code for rare values is excluded outright, because it can be cheaper than the
+     common case: blocks with the fp16 infinity exponent 0x7f800000 (the inf/NaN case of
+     ``half_bits_to_float``) and inner loops without memory accesses (its subnormal renormalisation).
      An inner loop that stores to shared memory is a staging loop (x gathered through ``perm``). It counts
      (elements per thread / its stores per iteration) times its own cheapest iteration.
   6. Divides by the weights a thread consumes per iteration, derived from the kernel source:
-       gemv<T, M, WARPS, ROWS_PER_WARP>: per chunk, lane l decodes group l of each of its warp's ROWS_PER_WARP
-         rows, so ROWS_PER_WARP · kGroupCodes weights; it stages M · kChunkCols / (WARPS · kWarpSize)
-         elements of x.
+       gemv<T, M>: per iteration a lane decodes kLaneGroups groups of each of its kLaneRows rows (rows g and
+         g + 8 of the mma tile), so kLaneGroups · kLaneRows · kGroupCodes weights; x was gathered by a
+         separate kernel, so no staging.
        gemm<T, MT>: per K step the block decodes kBlockN · kBlockK weights with kThreads threads (one group
          each), so kBlockN · kBlockK / kThreads; it stages kBlockM · kBlockK / kThreads elements of x.
        decode<T>: one group per thread per iteration, so kGroupCodes weights, and no staging.
      The constants are read from the ``.cu`` files and template arguments from the symbol names. The
      weight-load bytes on the path must equal weights · b / 8, which cross-checks both.
 
-Per kernel it reports registers, static shared memory, blocks per SM (occupancy from the published compute
-capability 9.0 limits), and per width and weight: issued instructions by class, shared-memory
+Per kernel it reports registers, shared memory (static plus the most dynamic shared memory a launch requests:
+the GEMV's pair tables, ``kTablesBytes``), blocks per SM (occupancy from the published compute capability 9.0
+limits), and per width and weight: issued instructions by class, shared-memory
 wavefronts, and global bytes. A warp issues in order, and none of these kernels prefetches across iterations,
 so at most one iteration's weight loads per warp are in flight. Times the warps resident on an SM, that
 gives the weight bytes in flight per SM.
@@ -49,7 +51,8 @@ Model (per device; a layer's bits mix the widths by ``segment_sizes``):
   HBM bound     bandwidth / (stored code bytes per weight + global bytes stored per weight)
 The two SM-side bounds are scaled by the block balance: the busiest SM runs ceil(blocks / SMs) blocks.
 The prediction is the smallest bound, and ``predicted_hbm_fraction`` is that bound divided by the HBM
-bound.
+bound. ``sm_headroom`` is the tighter SM-side bound (issue or shared) divided by the HBM bound: above 1 the
+HBM bound binds, with that much to spare.
 
 What the model cannot see is listed in ``BLIND_SPOTS`` (and printed with the report).
 
@@ -107,8 +110,10 @@ BLIND_SPOTS = (
     "beyond the resident-warp count, scheduling stalls and dependency chains. Dual issue and per-pipe limits: an "
     "HMMA's tensor-pipe time, MUFU, and IMAD on the FMA pipe all count as one issue slot. Bank conflicts: "
     "accesses are assumed conflict-free. Cache hits: x, perm and the codebooks are assumed to stay in L1/L2 "
-    "and cost no HBM traffic. Work outside the steady-state loop: codebook tables, outliers (≈ 0.16 bits per "
-    "weight of traffic at 0.5 % density), the reduction and the epilogue.")
+    "and cost no HBM traffic. Work outside the steady-state loop: codebook tables (the GEMV fills 16-row pair "
+    "tables once per block: 16 + 4 sixteen-byte stores per thread with 4- and 3-bit segments), the GEMV's "
+    "separate gather launch (x[:, perm] to an fp16 workspace), outliers (≈ 0.16 bits per weight of traffic at "
+    "0.5 % density), the reduction and the epilogue.")
 WARP_LANES = 32
 SHARED_WAVEFRONT_BYTES = 128  # 32 banks x 4 B: what shared memory serves per clock per SM
 
@@ -585,14 +590,16 @@ class Family:
     rows_per_block: Callable[[dict], int]
     batch_rows: Callable[[dict], Optional[int]]  # the m a block covers; None: the decode path (m > kGemmMaxM)
     label: Callable[[dict], str]
+    dynamic_shared: Callable[[dict], int] = lambda c: 0  # the most dynamic shared memory a launch requests
 
 
 FAMILIES = (
     Family("gemv", "gemv.cu", "cmpq_gemv_kernel",
-           weights_per_thread=lambda c: c["ROWS_PER_WARP"] * c["kGroupCodes"],
-           staged_per_thread=lambda c: c["M"] * c["kChunkCols"] // (c["WARPS"] * c["kWarpSize"]),
-           threads=lambda c: c["WARPS"] * c["kWarpSize"], rows_per_block=lambda c: c["WARPS"] * c["ROWS_PER_WARP"],
-           batch_rows=lambda c: c["M"], label=lambda c: f"m={c['M']}"),
+           weights_per_thread=lambda c: c["kLaneGroups"] * c["kLaneRows"] * c["kGroupCodes"],
+           staged_per_thread=lambda c: 0,
+           threads=lambda c: c["kThreads"], rows_per_block=lambda c: c["kTileRows"],
+           batch_rows=lambda c: c["M"], label=lambda c: f"m={c['M']}",
+           dynamic_shared=lambda c: c["kTablesBytes"]),
     Family("gemm", "gemm_tc.cu", "cmpq_gemm_kernel",
            weights_per_thread=lambda c: c["kBlockN"] * c["kBlockK"] // c["kThreads"],
            staged_per_thread=lambda c: c["kBlockM"] * c["kBlockK"] // c["kThreads"],
@@ -642,33 +649,47 @@ BASE = re.compile(r"\[(R\d+)(?:\.64)?(?:\+(0x[0-9a-f]+))?\]")
 
 
 def weight_loads(block: Block) -> list[int]:
-    """Bit widths of the packed groups this block loads: global loads from one base register at consecutive
-    offsets from 0, totalling 4·b bytes for b in ``SEGMENT_BITS``."""
+    """Bit widths of the packed groups this block loads: runs of 32-, 64- or 128-bit read-only global loads
+    (``load_group``'s ``__ldg``: LDG...CONSTANT) from one base register at consecutive offsets, each run totalling
+    4·b bytes for b in ``SEGMENT_BITS``. A thread may load several groups from one base at immediate offsets; a
+    run of any other length (the GEMV's 64-byte activation slices) is not a group, nor are plain loads (CSR
+    indices in the outlier loops)."""
     spans: dict[str, list[tuple[int, int]]] = {}
     for ins in block.instructions:
-        match = BASE.search(ins.operands) if ins.root == "LDG" else None
+        weight = ins.root == "LDG" and "CONSTANT" in ins.opcode.split(".") and access_bytes(ins) >= 4
+        match = BASE.search(ins.operands) if weight else None
         if match:
             spans.setdefault(match.group(1), []).append((int(match.group(2) or "0", 16), access_bytes(ins)))
     widths = []
     for pieces in spans.values():
         pieces.sort()
-        contiguous = all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:])) and pieces[0][0] == 0
-        total = sum(n for _, n in pieces)
-        if contiguous and total % 4 == 0 and total // 4 in SEGMENT_BITS:
-            widths.append(total // 4)
+        runs = [[pieces[0]]]
+        for piece in pieces[1:]:
+            if runs[-1][-1][0] + runs[-1][-1][1] == piece[0]:
+                runs[-1].append(piece)
+            else:
+                runs.append([piece])
+        for run in runs:
+            total = sum(n for _, n in run)
+            if total % 4 == 0 and total // 4 in SEGMENT_BITS:
+                widths.append(total // 4)
     return widths
 
 
-def hot_loop(cfg: ControlFlow) -> tuple[Loop, dict[int, list[int]]]:
-    """The innermost loop holding weight loads of every width, and its load blocks per width in address order."""
+def hot_loops(cfg: ControlFlow) -> dict[int, tuple[Loop, list[int]]]:
+    """Per width: the innermost loop holding weight loads of that width, and its load blocks in address order.
+    The mixed-width kernels (GEMM, decode) dispatch per group inside one loop, the same for every width; the
+    GEMV runs one loop per segment."""
+    found: dict[int, tuple[Loop, list[int]]] = {}
     for loop in cfg.loops:  # smallest first
-        by_width: dict[int, list[int]] = {}
-        for b in sorted(loop.blocks):
-            for width in weight_loads(cfg.blocks[b]):
-                by_width.setdefault(width, []).append(b)
-        if set(by_width) == set(SEGMENT_BITS):
-            return loop, by_width
-    raise PathError(f"{cfg.function.name}: no loop loads groups of every width {SEGMENT_BITS}")
+        for width in SEGMENT_BITS:
+            blocks = [b for b in sorted(loop.blocks) if width in weight_loads(cfg.blocks[b])]
+            if blocks and width not in found:
+                found[width] = (loop, blocks)
+    missing = set(SEGMENT_BITS) - set(found)
+    if missing:
+        raise PathError(f"{cfg.function.name}: no loop loads groups of width {sorted(missing)}")
+    return found
 
 
 def per_iteration(cfg: ControlFlow, loop: Loop, staged_per_thread: int) -> Callable[[Sequence[int]], Counter]:
@@ -695,14 +716,12 @@ def per_iteration(cfg: ControlFlow, loop: Loop, staged_per_thread: int) -> Calla
 def analyse_function(function: Function, instance: Instance) -> dict[int, dict]:
     """Per width: the counts per weight of one steady-state iteration (see the module docstring)."""
     cfg = ControlFlow(function)
-    loop, loads = hot_loop(cfg)
     constants = instance.constants
     weights = instance.family.weights_per_thread(constants)
-    cost = per_iteration(cfg, loop, instance.family.staged_per_thread(constants))
     out = {}
-    for width in SEGMENT_BITS:
-        counts = cost(loads[width])
-        weight_bytes = sum(4 * w for b in loads[width] for w in weight_loads(cfg.blocks[b]) if w == width)
+    for width, (loop, loads) in hot_loops(cfg).items():
+        counts = per_iteration(cfg, loop, instance.family.staged_per_thread(constants))(loads)
+        weight_bytes = sum(4 * w for b in loads for w in weight_loads(cfg.blocks[b]) if w == width)
         if weight_bytes * 8 != weights * width:
             raise PathError(f"{instance.name}: {width}-bit path loads {weight_bytes} weight bytes per thread, the "
                             f"source says {weights} weights per iteration ({weights * width // 8} bytes)")
@@ -719,7 +738,7 @@ def analyse_function(function: Function, instance: Instance) -> dict[int, dict]:
             "weight_bytes_per_warp_iteration": WARP_LANES * weight_bytes,
             "classes_per_weight": per_weight,
         }
-    return out
+    return dict(sorted(out.items(), reverse=True))
 
 
 def analyse_cubin(cubin: Path) -> dict[str, dict]:
@@ -734,6 +753,7 @@ def analyse_cubin(cubin: Path) -> dict[str, dict]:
                 "family": family.name, "dtype": instance.dtype, "symbol": mangled,
                 "threads": family.threads(c), "rows_per_block": family.rows_per_block(c),
                 "batch_rows": family.batch_rows(c), **resources[mangled],
+                "dynamic_shared_bytes": family.dynamic_shared(c),
                 "widths": {str(w): v for w, v in analyse_function(functions[mangled], instance).items()},
             }
     return result
@@ -766,6 +786,11 @@ def blocks_per_sm(device: Device, registers: int, shared_bytes: int, threads: in
     return min(limits)
 
 
+def block_shared_bytes(kernel: dict) -> int:
+    """Static shared memory plus the most dynamic shared memory a launch requests."""
+    return kernel["shared_bytes"] + kernel.get("dynamic_shared_bytes", 0)
+
+
 def width_mix(k: int, bits: float) -> dict[int, float]:
     """Fraction of a layer's weights at each width (the allocator's two-width split)."""
     return {w: size / k for w, size in zip(SEGMENT_BITS, segment_sizes(k, bits)) if size}
@@ -784,7 +809,7 @@ def predict(kernel: dict, device: Device, n: int, k: int, bits: float) -> dict:
     hbm_bytes = sum(f * w / 8 for w, f in mix.items()) + mixed(widths, mix, "stg_bytes_per_weight")
     grid = math.ceil(n / kernel["rows_per_block"])
     balance = grid / (device.sms * math.ceil(grid / device.sms))  # the busiest SM runs ceil(grid / SMs) blocks
-    resident = min(blocks_per_sm(device, kernel["registers"], kernel["shared_bytes"], kernel["threads"]),
+    resident = min(blocks_per_sm(device, kernel["registers"], block_shared_bytes(kernel), kernel["threads"]),
                    math.ceil(grid / device.sms))
     warps = resident * kernel["threads"] // WARP_LANES
     in_flight = warps * mixed(widths, mix, "weight_bytes_per_warp_iteration")
@@ -800,6 +825,7 @@ def predict(kernel: dict, device: Device, n: int, k: int, bits: float) -> dict:
         "latency_covered_ns": in_flight / (device.hbm_bytes_per_s / device.sms) * 1e9,
         **{f"{name}_bound_weights_per_s": bound for name, bound in bounds.items()}, "binding_bound": binding,
         "predicted_hbm_fraction": bounds[binding] / bounds["hbm"],
+        "sm_headroom": min(b for name, b in bounds.items() if name != "hbm" and b is not None) / bounds["hbm"],
     }
 
 
@@ -878,11 +904,19 @@ def counts_table(per_arch: dict[str, dict], device: Optional[Device]) -> list[st
     keys = ("instructions_per_weight", "lds_per_weight", "shared_wavefronts_per_weight")
     cells = []
     for name, kernel in per_arch.items():
-        occupancy = [str(blocks_per_sm(device, kernel["registers"], kernel["shared_bytes"], kernel["threads"]))] \
+        occupancy = [str(blocks_per_sm(device, kernel["registers"], block_shared_bytes(kernel), kernel["threads"]))] \
             if device else []
-        cells.append([name, str(kernel["registers"]), str(kernel["shared_bytes"]), str(kernel["threads"]),
+        cells.append([name, str(kernel["registers"]), str(block_shared_bytes(kernel)), str(kernel["threads"]),
                       *occupancy, *(f"{kernel['widths'][str(w)][key]:.2f}" for key in keys for w in SEGMENT_BITS)])
     return markdown_table(header, cells)
+
+
+def cell(row: dict) -> str:
+    """Predicted HBM fraction and the binding bound; where HBM binds, the SM-side headroom (×1.15: the issue or
+    shared bound is 15 % above it)."""
+    if row["binding_bound"] == "hbm":
+        return f"{row['predicted_hbm_fraction']:.2f} (hbm ×{row['sm_headroom']:.2f})"
+    return f"{row['predicted_hbm_fraction']:.2f} ({row['binding_bound']})"
 
 
 def prediction_table(rows: list[dict], device: Device) -> list[str]:
@@ -895,7 +929,7 @@ def prediction_table(rows: list[dict], device: Device) -> list[str]:
     cells = []
     for (name, m, n, k), by_bits in lines.items():
         cells.append([name, "> 128" if m is None else str(m), f"{n}×{k}",
-                      *(f"{by_bits[b]['predicted_hbm_fraction']:.2f} ({by_bits[b]['binding_bound']})" for b in BITS),
+                      *(cell(by_bits[b]) for b in BITS),
                       f"{by_bits[3.0]['weight_bytes_in_flight_per_sm'] / 1024:.1f} KiB = "
                       f"{by_bits[3.0]['latency_covered_ns']:.0f} ns"])
     return markdown_table(header, cells, text_columns=(0, 2))
@@ -933,8 +967,9 @@ def markdown(doc: dict) -> str:
     for device in DEVICES:
         out += [f"## {device.name}: predicted fraction of HBM bandwidth (fp16; {PREDICTION_LABEL})", "",
                 f"{device.sms} SMs, {device.clock_hz / 1e9:.2f} GHz, {device.hbm_bytes_per_s / 1e12:.2f} TB/s. "
-                "Cell: predicted fraction (binding bound: issue, shared or hbm). Last column: weight bytes in "
-                "flight per SM at 3 bits, and the DRAM latency they would cover at full bandwidth.", "",
+                "Cell: predicted fraction (binding bound: issue, shared or hbm; where hbm binds, ×h: the nearer "
+                "SM-side bound is h times the HBM bound). Last column: weight bytes in flight per SM at 3 bits, and "
+                "the DRAM latency they would cover at full bandwidth.", "",
                 *prediction_table(rows, device), ""]
     out += ["## What the static model cannot see", "", doc["blind_spots"], ""]
     return "\n".join(out)

@@ -88,9 +88,21 @@ CMPQ_HD constexpr int64_t channels_in_words(int64_t words, int bits) { return wo
 
 // ---- decode -----------------------------------------------------------------------------------------
 
-// The 6-bit spare field of a 3-bit group: codes 30 and 31.
+// The 6-bit spare field of a 3-bit group: codes 30 and 31, two bits at kSpareShift3 of each word.
+constexpr int kSpareShift3 = 30;
 CMPQ_HD uint32_t spare_field_3bit(const uint32_t* words) {
-  return (words[0] >> 30) | ((words[1] >> 30) << 2) | ((words[2] >> 30) << 4);
+  return (words[0] >> kSpareShift3) | ((words[1] >> kSpareShift3) << 2) | ((words[2] >> kSpareShift3) << 4);
+}
+
+// Where code j (0..31) of a group sits: bits code_shift .. + BITS - 1 of word code_word. For 3-bit, codes 30
+// and 31 are the spare field instead (spare_field_3bit), and code_word / code_shift do not apply to them.
+template <int BITS>
+CMPQ_HD constexpr int code_word(int j) {
+  return BITS == 3 ? j / 10 : j / (32 / BITS);
+}
+template <int BITS>
+CMPQ_HD constexpr int code_shift(int j) {
+  return BITS == 3 ? 3 * (j % 10) : BITS * (j % (32 / BITS));
 }
 
 // Code j (0..31) of one packed group.
@@ -99,24 +111,19 @@ CMPQ_HD uint32_t group_code(const uint32_t* words, int j) {
   using T = SegmentTraits<BITS>;
   if constexpr (BITS == 3) {
     if (j >= 30) return (spare_field_3bit(words) >> (3 * (j - 30))) & T::kMask;
-    return (words[j / 10] >> (3 * (j % 10))) & T::kMask;
-  } else {
-    constexpr int kCodesPerWord = 32 / BITS;
-    return (words[j / kCodesPerWord] >> (BITS * (j % kCodesPerWord))) & T::kMask;
   }
+  return (words[code_word<BITS>(j)] >> code_shift<BITS>(j)) & T::kMask;
 }
 
-// Pair field i (0..15) = code(2i) | code(2i+1) << BITS, one shift and mask per two weights.
+// Pair field i (0..15) = code(2i) | code(2i+1) << BITS: the 2·BITS bits from code 2i's position on, one shift
+// and mask per two weights (for 3-bit, pair 15 is the spare field).
 template <int BITS>
 CMPQ_HD uint32_t group_pair(const uint32_t* words, int i) {
   constexpr uint32_t kPairMask = (1u << (2 * BITS)) - 1u;
   if constexpr (BITS == 3) {
     if (i == 15) return spare_field_3bit(words);
-    return (words[i / 5] >> (6 * (i % 5))) & kPairMask;
-  } else {
-    constexpr int kPairsPerWord = 16 / BITS;
-    return (words[i / kPairsPerWord] >> (2 * BITS * (i % kPairsPerWord))) & kPairMask;
   }
+  return (words[code_word<BITS>(2 * i)] >> code_shift<BITS>(2 * i)) & kPairMask;
 }
 
 // All 32 codes of a group.
@@ -131,14 +138,11 @@ template <int BITS>
 CMPQ_HD void pack_group(const uint8_t* codes, uint32_t* words) {
   using T = SegmentTraits<BITS>;
   for (int w = 0; w < T::kWordsPerGroup; ++w) words[w] = 0;
+  const int in_words = BITS == 3 ? 30 : kGroupCodes;  // 3-bit codes 30 and 31 go to the spare field
+  for (int j = 0; j < in_words; ++j) words[code_word<BITS>(j)] |= (codes[j] & T::kMask) << code_shift<BITS>(j);
   if constexpr (BITS == 3) {
-    for (int j = 0; j < 30; ++j) words[j / 10] |= (codes[j] & T::kMask) << (3 * (j % 10));
     const uint32_t spare = (codes[30] & T::kMask) | ((codes[31] & T::kMask) << 3);
-    for (int w = 0; w < 3; ++w) words[w] |= ((spare >> (2 * w)) & 3u) << 30;
-  } else {
-    constexpr int kCodesPerWord = 32 / BITS;
-    for (int j = 0; j < kGroupCodes; ++j)
-      words[j / kCodesPerWord] |= (codes[j] & T::kMask) << (BITS * (j % kCodesPerWord));
+    for (int w = 0; w < 3; ++w) words[w] |= ((spare >> (2 * w)) & 3u) << kSpareShift3;
   }
 }
 

@@ -11,8 +11,9 @@
 * ``cuda``: ``torch.ops.cmpq.*`` on a real GPU (skipped without one). The caching allocator is filled
   with NaN before each call, so the op's fresh output very likely lands on poisoned memory.
 
-Tolerances (on top of conftest's FP32-accumulation + one output rounding bound): the GEMV multiplies FP32
-codebook values, so it needs nothing more; the GEMM and decode paths round decoded weights to the
+Tolerances (on top of conftest's FP32-accumulation + one output rounding bound): the GEMV multiplies exact
+FP16 codebook values (with bf16 activations scaled into fp16 range by a power of two per row), so it needs
+nothing more; the GEMM and decode paths round decoded weights to the
 activation type first — exact for FP16 codebook values, 2**-8 relative for BF16, and 2**-11 for FP16
 codebook+outlier sums on the decode path. The emulation sums in a different order from a GPU, so GPU
 results agree with these to the same tolerances, not bit for bit.
@@ -107,8 +108,32 @@ def test_segment_mixes(seg_k, m, backend):
 @pytest.mark.parametrize("n,k", [(1, 32), (3, 64), (65, 32), (130, 1088), (200, 2080)])
 @pytest.mark.parametrize("m", [1, 4, 24])
 def test_awkward_shapes(n, k, m, backend):
-    """n around the 8-row GEMV and 64-row GEMM blocks; k spanning 1024-column GEMV chunks and 64-column GEMM steps."""
+    """n around the 16-row GEMV and 64-row GEMM blocks; k spanning whole and partial 512-column GEMV
+    iterations and 64-column GEMM steps."""
     check(make_layer(n, k, outlier_density=0.005, seed=n + k), m, torch.bfloat16, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5])
+def test_gemv_long_segments(m, dtype, backend):
+    """Segments of 8-9 whole GEMV iterations (16 groups each) plus a partial one: every warp of a block runs
+    several iterations of each segment (its pointers step over the other warps' iterations)."""
+    layer = make_layer(20, 4608 + 4128 + 4160, (4608, 4128, 4160), outlier_density=0.002, seed=m)
+    check(layer, m, dtype, seed=m, backend=backend)
+
+
+def test_gemv_bf16_rows_beyond_fp16_range(backend):
+    """The GEMV multiplies in fp16 and scales each bf16 row by a power of two first: rows far above fp16's
+    maximum or below its normal range, a row spanning both, and a zero row all keep their accuracy."""
+    layer = make_layer(24, 96, outlier_density=0.02, bias=torch.float32, seed=6)
+    x = random_x(5, 96, torch.float32, seed=6)
+    x[0] *= 1e7
+    x[1] *= 1e-9
+    x[2, ::2] *= 1e5
+    x[2, 1::2] *= 1e-4
+    x[3] = 0
+    x = x.to(torch.bfloat16)
+    assert_matches_reference(emu_gemm(x, layer, backend=backend), x, layer, weight_round=weight_round(5, x.dtype))
 
 
 OUTLIER_PATTERNS = {

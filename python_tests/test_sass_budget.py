@@ -59,8 +59,9 @@ LISTING = """
 def synthetic():
     function = sb.parse_sass(LISTING)["synthetic"]
     cfg = sb.ControlFlow(function)
-    loop, loads = sb.hot_loop(cfg)
-    return cfg, loop, loads
+    loops = sb.hot_loops(cfg)
+    assert len({loop.header for loop, _ in loops.values()}) == 1  # one mixed-width loop, as in GEMM and decode
+    return cfg, loops[4][0], {width: blocks for width, (_, blocks) in loops.items()}
 
 
 def test_parser_reads_predicates_opcodes_and_labels():
@@ -245,3 +246,20 @@ def test_decode_kernel_counts(tools, tmp_path):
             assert counts["classes_per_weight"]["stg"] == pytest.approx(4 / 32)
             assert counts["lds_per_weight"] == 0
             assert counts["weight_bytes_per_warp_iteration"] == 32 * 4 * int(width)
+
+
+def test_gemv_kernel_counts(tools, tmp_path):
+    """gemv<T, M>: one loop per segment; per iteration a lane decodes 4 groups of 2 rows (256 weights), with one
+    mma per 8 weights, one pair-table LDS per 2 weights at 4 and 3 bits and none at 2 bits (register PRMT)."""
+    kernels = sb.analyse_cubin(sb.compile_cubin(sb.CUDA_DIR / "gemv.cu", "sm_90a", tmp_path))
+    assert set(kernels) == {f"gemv<{t},m={m}>" for t in ("fp16", "bf16") for m in range(1, 9)}
+    for kernel in kernels.values():
+        assert (kernel["threads"], kernel["rows_per_block"]) == (256, 16)
+        assert kernel["dynamic_shared_bytes"] == 80 * 1024
+        for width, counts in kernel["widths"].items():
+            assert counts["weights_per_iteration"] == 256
+            assert counts["classes_per_weight"]["mma"] == pytest.approx(1 / 8)
+            assert counts["lds_per_weight"] == pytest.approx(0.5 if width != "2" else 0)
+            # the codes, and each group's 32 fp16 activations (64 bytes) for the lane's 2 rows
+            assert counts["ldg_bytes_per_weight"] == pytest.approx(int(width) / 8 + 64 / 64)
+            assert counts["weight_bytes_per_warp_iteration"] == 32 * 256 * int(width) // 8

@@ -43,12 +43,19 @@ constexpr int kGemvMaxM = 8;    // m <= 8: fused GEMV
 constexpr int kGemmMaxM = 128;  // m <= 128: tensor-core GEMM; larger m: decode + cuBLAS
 
 // y[m, n] = x[m, :] @ W.T (+ bias[n]), for 1 <= m <= kGemvMaxM.
-//   x:    [m, k] in original channel order (the kernel gathers through perm itself), dtype `dtype`.
+//   x:    [m, k] in original channel order, dtype `dtype`.
 //   perm: [k] int32.   bias: [n] float32 or nullptr (added in FP32).   y: [m, n] of `dtype`.
-// One launch decodes all segments and adds the CSR outliers; FP32 accumulation; no atomics, so the
-// result is deterministic.
+// Two launches: x[:, perm] goes to workspace.x_packed as fp16 (bf16 rows scaled by a power of two chosen
+// from workspace.absmax), then the fused kernel multiplies it with the fp16 codebook values on tensor
+// cores (exact products, FP32 accumulation), decodes all segments and adds the CSR outliers in FP32. No
+// atomics, so the result is deterministic.
+struct GemvWorkspace {
+  void* x_packed = nullptr;      // gemv_packed_elements(layer, m) fp16 elements, 16-byte aligned
+  const void* absmax = nullptr;  // bf16 only: [m] max |x| of each row, in `dtype`; unused for fp16
+};
+inline int64_t gemv_packed_elements(const LayerView& layer, int m) { return static_cast<int64_t>(m) * layer.k; }
 Status launch_gemv(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
-                   ActDtype dtype, cudaStream_t stream);
+                   ActDtype dtype, const GemvWorkspace& workspace, cudaStream_t stream);
 
 // Same contract as launch_gemv for 1 <= m <= kGemmMaxM, on tensor cores (mma.sync m16n8k16, FP32
 // accumulation); outliers are added in the epilogue in CSR order, so it is deterministic too.

@@ -1,5 +1,5 @@
-// ptx.cuh — the inline-PTX instructions the kernels use (mma.sync, ldmatrix), plus the cp.async copies the
-// pipelined kernels are built on next, each with a C++ twin for the CPU emulation.
+// ptx.cuh — the inline-PTX instructions the kernels use (mma.sync, ldmatrix, prmt, lop3, ld.shared), plus the
+// cp.async copies the pipelined kernels are built on next, each with a C++ twin for the CPU emulation.
 // Everything lives in cmpq::ptx (kernels inside namespace cmpq write ptx::mma_m16n8k16_f16f32(...)).
 //
 // Every helper has three branches: real asm when compiling device code (__CUDA_ARCH__); the emulation under
@@ -133,6 +133,94 @@ CMPQ_DEVICE_INLINE void ldmatrix_x4(uint32_t r[4], const void* smem_row_ptr) {
   emu_ptx::ldmatrix_x4(r, smem_row_ptr);
 #else
   (void)r, (void)smem_row_ptr;
+#endif
+}
+
+// ---- byte permute and shared loads for table lookups ---------------------------------------------------
+
+// PTX prmt.b32 (default mode): byte i of the result is byte (sel >> 4i) & 7 of {b : a}, replaced by the
+// sign of that byte (0x00 / 0xff) when bit 3 of the nibble is set; sel's upper 16 bits are ignored. CUDA's
+// __byte_perm masks the selector to 3 bits per nibble first, an extra LOP3 per call for runtime selectors.
+CMPQ_DEVICE_INLINE uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#if defined(__CUDA_ARCH__)
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+#elif !defined(__CUDACC__)
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t d = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t nibble = (sel >> (4 * i)) & 0xfu;
+    uint32_t byte = static_cast<uint32_t>(v >> (8 * (nibble & 7u))) & 0xffu;
+    if (nibble & 8u) byte = (byte & 0x80u) ? 0xffu : 0u;
+    d |= byte << (8 * i);
+  }
+  return d;
+#else
+  (void)a, (void)b, (void)sel;
+  return 0;
+#endif
+}
+
+// PTX lop3.b32: any bitwise function of three words, given as the truth table kLut over the operands'
+// canonical patterns a = 0xf0, b = 0xcc, c = 0xaa (e.g. (a & b) | c is 0xea). Written out because the
+// compiler splits (x & mask) | y into two LOP3 when it knows which bits y can have.
+template <uint32_t kLut>
+CMPQ_DEVICE_INLINE uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
+  static_assert(kLut <= 0xff, "lop3 takes an 8-bit truth table");
+#if defined(__CUDA_ARCH__)
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(kLut));
+  return d;
+#elif !defined(__CUDACC__)
+  uint32_t d = 0;
+  for (int i = 0; i < 32; ++i) {
+    const uint32_t index = ((a >> i) & 1u) << 2 | ((b >> i) & 1u) << 1 | ((c >> i) & 1u);
+    d |= ((kLut >> index) & 1u) << i;
+  }
+  return d;
+#else
+  (void)a, (void)b, (void)c;
+  return 0;
+#endif
+}
+
+// A shared-memory location for ld_shared_u32: the 32-bit shared-window address on the GPU (ptxas keeps a
+// base computed once in a uniform register and folds it into each load: LDS [R+UR+imm]), a pointer under
+// the emulation.
+#if defined(__CUDACC__)
+using SharedAddress = uint32_t;
+#else
+using SharedAddress = const unsigned char*;
+#endif
+
+CMPQ_DEVICE_INLINE SharedAddress shared_address(const void* smem) {
+#if defined(__CUDA_ARCH__)
+  uint32_t address;
+  asm volatile("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }\n" : "=r"(address) : "l"(smem));
+  return address;
+#elif !defined(__CUDACC__)
+  return static_cast<const unsigned char*>(smem);
+#else
+  (void)smem;
+  return 0;
+#endif
+}
+
+// The 32-bit word at `base` + `offset` bytes of shared memory. volatile: it must not move across the
+// __syncthreads that publishes the data.
+CMPQ_DEVICE_INLINE uint32_t ld_shared_u32(SharedAddress base, uint32_t offset) {
+#if defined(__CUDA_ARCH__)
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(base + offset));
+  return v;
+#elif !defined(__CUDACC__)
+  uint32_t v;
+  std::memcpy(&v, base + offset, sizeof(v));
+  return v;
+#else
+  (void)base, (void)offset;
+  return 0;
 #endif
 }
 
