@@ -33,7 +33,7 @@
 // The block fills them once (each 16-byte store writes one entry for the four lanes that look it up).
 //
 // Predicted per-weight cost of the steady-state loops (PREDICTION from static SASS counts, sm_90a, every
-// m <= 8; bench/sass_budget.py, bench/results/sass_budget.md): 1.28 / 1.96 / 1.47 issued instructions and
+// m <= 8; bench/sass_budget.py, bench/results/sass_budget.md): 1.27 / 1.96 / 1.47 issued instructions and
 // 0.5 / 0.5 / 0 LDS per weight at 4 / 3 / 2 bits, against the 3.5 / 2.6 / 1.7 and 0.87 / 0.65 / 0.44 an
 // H200 can afford at full HBM bandwidth (DESIGN.md §3.5); 2-4 KB of weights in flight per warp iteration.
 // Not in those counts: the gather launch, the table fill and the epilogue below.
@@ -256,10 +256,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int r = threadIdx.x % kTileRows;
     const uint16_t* codebook = layer.row_codebook(seg.kSegment, min(row0 + r, layer.n - 1));
     const int entry0 = threadIdx.x / kTileRows * kPerThread;
-    unsigned char* column = smem + offset + (r / 8) * kHiRowBytes + (r % 8) * kQuadLanes * 4;
+    unsigned char* column = smem + offset + (r / kHiRow) * kHiRowBytes + (r % kHiRow) * kQuadLanes * 4;
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      const int entry = entry0 + i;  // = code(2i) | code(2i + 1) << kBits
+      const int entry = entry0 + i;  // = even code | odd code << kBits
       const uint32_t pair = codebook[entry & ((1 << kBits) - 1)] | static_cast<uint32_t>(codebook[entry >> kBits]) << 16;
       *reinterpret_cast<uint4*>(column + entry * kEntryBytes) = make_uint4(pair, pair, pair, pair);
     }
@@ -269,12 +269,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // Global iteration numbers: segment s's iterations follow those of the segments before it.
   int iterations_before = 0;
+  const ptx::SharedAddress tables = ptx::shared_address(smem);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   __syncthreads();  // tables written
   auto run_segment = [&](auto seg) {
     constexpr int kBits = decltype(seg)::kBits;
     constexpr int s = seg.kSegment;
     const int groups = layer.groups(s);
+    if (groups == 0) return;  // an empty segment has no codes and a codebook of 0 columns: read nothing
     const int iterations = (groups + kIterGroups - 1) / kIterGroups;
     SegmentPass<kBits> pass;
     if constexpr (kBits == 2) {
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       pass.decoder.hi01 = cb_hi[0] | static_cast<uint32_t>(cb_hi[1]) << 16;
       pass.decoder.hi23 = cb_hi[2] | static_cast<uint32_t>(cb_hi[3]) << 16;
     } else {
-      pass.decoder.table = ptx::shared_address(smem) + (kBits == 4 ? kTable4Offset : kTable3Offset);
+      pass.decoder.table = tables + (kBits == 4 ? kTable4Offset : kTable3Offset);
       pass.decoder.lane4 = static_cast<uint32_t>(lane) * 4;
     }
     pass.lo = layer.row_codes(s, row_lo) + t * kBits;
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __syncthreads();  // every warp is done with the tables the partial sums overwrite
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int r = g + 8 * (i / 2);
+    const int r = g + kHiRow * (i / 2);
     const int m = 2 * t + i % 2;
     if (m < M) partial[(warp * kTileRows + r) * M + m] = acc[i];
   }

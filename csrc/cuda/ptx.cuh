@@ -185,9 +185,9 @@ CMPQ_DEVICE_INLINE uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
 #endif
 }
 
-// A shared-memory location for ld_shared_u32: the 32-bit shared-window address on the GPU (ptxas keeps a
-// base computed once in a uniform register and folds it into each load: LDS [R+UR+imm]), a pointer under
-// the emulation.
+// A shared-memory location for ld_shared_u32: the 32-bit shared-window address on the GPU, a pointer under
+// the emulation. A table lookup then costs the load alone: ptxas folds the base into it (LDS [R+UR+imm] on
+// sm_90, LDS [R+imm] before), where through a generic pointer it adds the base before every load.
 #if defined(__CUDACC__)
 using SharedAddress = uint32_t;
 #else
@@ -195,10 +195,15 @@ using SharedAddress = const unsigned char*;
 #endif
 
 CMPQ_DEVICE_INLINE SharedAddress shared_address(const void* smem) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // sm_90's shared window holds the CTA's cluster rank: the address is a run-time value. Computed in a
+  // volatile asm, it is computed once, in a uniform register; through __cvta_generic_to_shared ptxas may
+  // recompute it inside a loop in an ordinary register and add it before every load.
   uint32_t address;
   asm volatile("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }\n" : "=r"(address) : "l"(smem));
   return address;
+#elif defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem));  // a link-time constant: folds into the load
 #elif !defined(__CUDACC__)
   return static_cast<const unsigned char*>(smem);
 #else
