@@ -29,9 +29,8 @@ def prose(seed: int, sentences: int) -> str:
                      for _ in range(sentences))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    """A plain HF model directory: tiny Llama (tied embeddings) + a BPE tokenizer trained on :func:`prose`."""
+def save_tiny_llama(path: str, hidden_size: int, intermediate_size: int, **overrides) -> str:
+    """A plain HF model directory at ``path``: a 2-block random Llama + a BPE tokenizer trained on :func:`prose`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -42,13 +41,19 @@ def model_dir(tmp_path_factory) -> str:
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                      unk_token="<unk>")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    path = str(tmp_path_factory.mktemp("fp") / "tiny-llama")
+    config = transformers.LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=1,
+                                      eos_token_id=2, **overrides)
     transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A plain HF model directory: tiny Llama (tied embeddings) + a BPE tokenizer trained on :func:`prose`."""
+    return save_tiny_llama(str(tmp_path_factory.mktemp("fp") / "tiny-llama"), 64, 128, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

@@ -10,29 +10,13 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from cmpq_kernels import MixLLMLinear, cli, load_mixllm  # noqa: E402
-from test_cli import prose, texts  # noqa: E402,F401  (texts: a fixture)
+from test_cli import save_tiny_llama, texts  # noqa: E402,F401  (texts: a fixture)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     """A plain HF directory: a Llama wide enough (hidden 160) for MixLLM's min(n, k) > 64 rule, BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([prose(0, 400)], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                     unk_token="<unk>")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=160, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                                      bos_token_id=1, eos_token_id=2)
-    path = str(tmp_path_factory.mktemp("fp") / "tiny-llama-160")
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(str(tmp_path_factory.mktemp("fp") / "tiny-llama-160"), 160, 320)
 
 
 def test_quantize_eval_inspect(model_dir, texts, tmp_path, capsys):
