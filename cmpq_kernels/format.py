@@ -122,12 +122,30 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
 # ---- the layer container ------------------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An integer that is not a bool (``True == 1`` would otherwise pass a count check)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _tensor_bits(t: Optional[torch.Tensor]) -> int:
+def tensor_bits(t: Optional[torch.Tensor]) -> int:
+    """Bits a stored tensor takes (0 for None): what effective-bits accounting counts."""
     return 0 if t is None else t.numel() * t.element_size() * 8
+
+
+def check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device,
+                 anchor: str) -> None:
+    """Raise ``ValueError`` naming field ``name`` unless ``t`` is a contiguous tensor of ``dtype`` and ``shape`` on
+    ``device`` (the device of the layer's field ``anchor``)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: dtype must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: shape must be {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, but the layer's {anchor} is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -284,11 +302,11 @@ class CMPQLayer:
         # TypeError/AttributeError, or pass a comparison by accident (True == 1, 37.0 == 37).
         for name in ("n", "k", "codebook_rows", "format_version"):
             value = getattr(self, name)
-            if not _is_int(value):
+            if not is_int(value):
                 raise ValueError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Real):
             raise ValueError(f"bits: must be a real number, got {type(self.bits).__name__} {self.bits!r}")
-        if not isinstance(self.seg_k, (tuple, list)) or len(self.seg_k) != 3 or not all(map(_is_int, self.seg_k)):
+        if not isinstance(self.seg_k, (tuple, list)) or len(self.seg_k) != 3 or not all(map(is_int, self.seg_k)):
             raise ValueError(f"seg_k: need three multiples of {GROUP_CODES} summing to k={self.k}, got {self.seg_k!r}")
         for name in ("codes", "codebooks"):
             value = getattr(self, name)
@@ -303,16 +321,7 @@ class CMPQLayer:
 
     @staticmethod
     def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != dtype:
-            raise ValueError(f"{name}: dtype must be {dtype}, got {t.dtype}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: shape must be {shape}, got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name}: on {t.device}, but the layer's perm is on {device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name}: must be contiguous")
+        check_tensor(name, t, dtype, shape, device, anchor="perm")
 
     # -- accounting -----------------------------------------------------------------------------------
 
@@ -324,10 +333,10 @@ class CMPQLayer:
     def storage_bits(self) -> dict[str, int]:
         """Bits stored per component, counted from the actual tensors (bias excluded: FP layers have it too)."""
         return {
-            "codes": sum(_tensor_bits(c) for c in self.codes),
-            "codebooks": sum(_tensor_bits(c) for c in self.codebooks),
-            "outliers": _tensor_bits(self.row_ptr) + _tensor_bits(self.col) + _tensor_bits(self.val),
-            "perm": _tensor_bits(self.perm),
+            "codes": sum(tensor_bits(c) for c in self.codes),
+            "codebooks": sum(tensor_bits(c) for c in self.codebooks),
+            "outliers": tensor_bits(self.row_ptr) + tensor_bits(self.col) + tensor_bits(self.val),
+            "perm": tensor_bits(self.perm),
         }
 
     @property

@@ -18,11 +18,12 @@ models, calibration or kernels. Layout (mirrors ``csrc/mixllm_layout.h``, the on
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Optional
 
 import numpy as np
 import torch
+
+from .format import check_tensor, is_int, tensor_bits
 
 FORMAT_VERSION = 1
 GROUP = 128  #: input channels per scale (weights and activations)
@@ -79,14 +80,6 @@ def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 
 # ---- the layer container ---------------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _tensor_bits(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.numel() * t.element_size() * 8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -154,7 +147,7 @@ class MixLLMLayer:
         """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``."""
         for name in ("n", "k", "format_version"):
             value = getattr(self, name)
-            if not _is_int(value):
+            if not is_int(value):
                 raise ValueError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version: this build reads MixLLM version {FORMAT_VERSION}, got "
@@ -204,23 +197,16 @@ class MixLLMLayer:
     @staticmethod
     def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
                       device: torch.device) -> None:
-        if t.dtype != dtype:
-            raise ValueError(f"{name}: dtype must be {dtype}, got {t.dtype}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: shape must be {shape}, got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name}: on {t.device}, but the layer's idx8 is on {device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name}: must be contiguous")
+        check_tensor(name, t, dtype, shape, device, anchor="idx8")
 
     # -- accounting -----------------------------------------------------------------------------------
 
     def storage_bits(self) -> dict[str, int]:
         """Bits stored per component, counted from the tensors (bias excluded, as for CMPQ: FP layers carry one)."""
-        return {"codes": _tensor_bits(self.q8) + _tensor_bits(self.q4),
-                "scales": _tensor_bits(self.s8) + _tensor_bits(self.s4),
-                "zeros": _tensor_bits(self.z4),
-                "indices": _tensor_bits(self.idx8) + _tensor_bits(self.idx4)}
+        return {"codes": tensor_bits(self.q8) + tensor_bits(self.q4),
+                "scales": tensor_bits(self.s8) + tensor_bits(self.s4),
+                "zeros": tensor_bits(self.z4),
+                "indices": tensor_bits(self.idx8) + tensor_bits(self.idx4)}
 
     @property
     def code_bits(self) -> float:
