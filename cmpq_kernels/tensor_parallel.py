@@ -13,6 +13,11 @@ time, so one checkpoint serves every tensor-parallel size:
 
 A fused layer (qkv, gate_up) is one matrix only if its parts share one input-channel permutation;
 :func:`concat_rows` stacks such parts (the quantizer writes them with ``share_input_widths``).
+
+MixLLM layers (``mixllm_*`` below) keep input channels in their original order, so their shards are plain slices:
+rows by output index (:func:`mixllm_slice_rows`), and whole 128-channel groups of input channels
+(:func:`mixllm_slice_columns`), since activations are quantized per group: a rank holding whole groups quantizes
+its activations exactly as the unsharded op does. Any parts with one input fuse (:func:`mixllm_concat_rows`).
 """
 from __future__ import annotations
 
@@ -23,11 +28,16 @@ import numpy as np
 import torch
 
 from .format import GROUP_CODES, SEGMENT_BITS, CMPQLayer, outlier_col_dtype, pack_codes
+from .mixllm_format import GROUP, MixLLMLayer, groups_of, pack_nibbles, unpack_nibbles
+
+
+def _check_range(start: int, size: int, total: int, what: str) -> None:
+    if not (0 <= start and size > 0 and start + size <= total):
+        raise ValueError(f"{what} [{start}, {start + size}) are not inside the layer's {total} {what}")
 
 
 def _check_row_range(layer: CMPQLayer, start: int, size: int) -> None:
-    if not (0 <= start and size > 0 and start + size <= layer.n):
-        raise ValueError(f"rows [{start}, {start + size}) are not inside the layer's {layer.n} output rows")
+    _check_range(start, size, layer.n, "output rows")
     if start % layer.codebook_rows or (size % layer.codebook_rows and start + size != layer.n):
         raise ValueError(f"rows [{start}, {start + size}) split a codebook row (the layer shares one codebook per "
                          f"{layer.codebook_rows} rows); this tensor-parallel size cannot shard it")
@@ -108,8 +118,7 @@ def slice_columns(layer: CMPQLayer, start: int, size: int) -> ColumnShard:
     channels ``size, size + 1, ...`` that the caller feeds with zeros. Outliers in the rank's channels move to
     their new packed columns. The bias stays with rank 0's caller (it is added once, after the all-reduce).
     """
-    if not (0 <= start and size > 0 and start + size <= layer.k):
-        raise ValueError(f"channels [{start}, {start + size}) are not inside the layer's {layer.k} input channels")
+    _check_range(start, size, layer.k, "input channels")
     perm = layer.perm.cpu().long()
     mine = (perm >= start) & (perm < start + size)
     new_perm, new_codes, seg_k = [], [], []
@@ -142,3 +151,64 @@ def slice_columns(layer: CMPQLayer, start: int, size: int) -> ColumnShard:
         val=layer.val[kept.to(device)].contiguous(), bias=None,
     )
     return ColumnShard(shard.validate(), start, size)
+
+
+# ---- MixLLM -------------------------------------------------------------------------------------------------
+
+
+def mixllm_slice_rows(layer: MixLLMLayer, start: int, size: int) -> MixLLMLayer:
+    """Output rows ``[start, start + size)`` of a MixLLM layer (column-parallel shard): each part keeps its stored
+    rows whose output index falls in the range, renumbered from 0."""
+    _check_range(start, size, layer.n, "output rows")
+    stop = start + size
+    mine8 = (layer.idx8 >= start) & (layer.idx8 < stop)
+    mine4 = (layer.idx4 >= start) & (layer.idx4 < stop)
+    return dataclasses.replace(
+        layer, n=size,
+        idx8=(layer.idx8[mine8] - start).contiguous(), q8=layer.q8[mine8].contiguous(), s8=layer.s8[mine8].contiguous(),
+        idx4=(layer.idx4[mine4] - start).contiguous(), q4=layer.q4[mine4].contiguous(), s4=layer.s4[mine4].contiguous(),
+        z4=layer.z4[mine4].contiguous(), bias=None if layer.bias is None else layer.bias[start:stop].contiguous(),
+    ).validate()
+
+
+def mixllm_slice_columns(layer: MixLLMLayer, start: int, size: int) -> MixLLMLayer:
+    """Input channels ``[start, start + size)`` of a MixLLM layer (row-parallel shard), exactly: the range must hold
+    whole 128-channel groups (the last one may be the layer's partial group), so every weight and activation scale
+    covers the same channels as in the unsharded layer. The bias stays with the caller (added once)."""
+    _check_range(start, size, layer.k, "input channels")
+    stop = start + size
+    if start % GROUP or (size % GROUP and stop != layer.k):
+        raise ValueError(f"input channels [{start}, {stop}) split a {GROUP}-channel group, whose activations are "
+                         "quantized together; this tensor-parallel size cannot shard the layer exactly")
+    groups = slice(start // GROUP, groups_of(stop))
+    zeros = unpack_nibbles(layer.z4.cpu(), layer.groups)[:, groups]
+    return dataclasses.replace(
+        layer, k=size, q8=layer.q8[:, start:stop].contiguous(), s8=layer.s8[:, groups].contiguous(),
+        q4=layer.q4[:, start // 2:stop // 2].contiguous(), s4=layer.s4[:, groups].contiguous(),
+        z4=pack_nibbles(zeros).to(layer.z4.device), bias=None,
+    ).validate()
+
+
+def mixllm_fusion_problem(parts: Sequence[MixLLMLayer]) -> Optional[str]:
+    """Why ``parts`` cannot be stacked by :func:`mixllm_concat_rows`, or None when they can."""
+    if len({p.k for p in parts}) > 1:
+        return f"the parts read {sorted({p.k for p in parts})} input channels"
+    if len({p.bias is None for p in parts}) > 1:
+        return "either every part has a bias or none has"
+    return None
+
+
+def mixllm_concat_rows(parts: Sequence[MixLLMLayer]) -> MixLLMLayer:
+    """Stack MixLLM layers with one input along ``n`` (each part's row indices shifted past the parts before it)."""
+    problem = mixllm_fusion_problem(parts)
+    if problem:
+        raise ValueError(problem)
+    offsets = np.cumsum([0] + [p.n for p in parts[:-1]])
+    first = parts[0]
+    return dataclasses.replace(
+        first, n=sum(p.n for p in parts),
+        idx8=torch.cat([p.idx8 + int(o) for p, o in zip(parts, offsets)]),
+        idx4=torch.cat([p.idx4 + int(o) for p, o in zip(parts, offsets)]),
+        **{f: torch.cat([getattr(p, f) for p in parts]) for f in ("q8", "s8", "q4", "s4", "z4")},
+        bias=None if first.bias is None else torch.cat([p.bias for p in parts]),
+    ).validate()

@@ -1,32 +1,39 @@
-"""Serve CMPQ checkpoints with vLLM: a quantization plugin registered as ``"cmpq"`` (docs/DESIGN.md §10).
+"""Serve CMPQ and MixLLM checkpoints with vLLM: quantization plugins registered as ``"cmpq"`` and ``"mixllm"``
+(docs/DESIGN.md §10).
 
 Installed with the package, the ``vllm.general_plugins`` entry point calls :func:`register` in every vLLM
-process, so a checkpoint written by :func:`cmpq_kernels.save_quantized` serves with no import::
+process, so a checkpoint written by :func:`cmpq_kernels.save_quantized` or :func:`cmpq_kernels.save_mixllm` serves
+with no import::
 
     vllm serve ./smollm2-cmpq                  # or LLM(model="./smollm2-cmpq")
 
-vLLM reads ``quantization_config.quant_method == "cmpq"`` from config.json and asks
-:class:`CMPQVllmConfig` for a method per linear layer. How a layer loads (:class:`CMPQLinearMethod`):
+vLLM reads ``quantization_config.quant_method`` from config.json and asks :class:`CMPQVllmConfig` or
+:class:`MixLLMVllmConfig` for a method per linear layer. The two formats differ only in what :class:`PackedMethod`
+lists (fields, validation, shard and fusion math, the module that runs a layer); how a layer loads
+(:class:`PackedLinearMethod`) is shared:
 
-1. ``create_weights`` gives the layer a child module ``cmpq`` with one empty parameter per packed field, so the
-   checkpoint's ``<module>.cmpq.<field>`` tensors (``q_proj``/``k_proj``/``v_proj`` renamed by vLLM to the fused
-   ``qkv_proj`` with a shard id) reach :meth:`CMPQLinearMethod.load_field`, which keeps them per part.
-2. ``process_weights_after_loading`` builds each part's :class:`~cmpq_kernels.format.CMPQLayer` (validated as
-   on any load), cuts this rank's shard (:mod:`cmpq_kernels.tensor_parallel`: rows for column-parallel layers,
-   a zero-padded repack of the rank's input channels for row-parallel ones), stacks the parts of a fused layer
-   into one matrix when they share one input permutation (checkpoints quantized with ``share_input_widths``,
-   the default) and keeps them as separate products otherwise, then holds the result as
-   :class:`~cmpq_kernels.nn.CMPQLinear` modules.
-3. ``apply`` runs ``torch.ops.cmpq.gemm`` (fake impls exist, so vLLM's compiled graphs trace it).
+1. ``create_weights`` gives the layer a child module named after the method (``cmpq`` / ``mixllm``) with one empty
+   parameter per packed field, so the checkpoint's ``<module>.<method>.<field>`` tensors (``q_proj``/``k_proj``/
+   ``v_proj`` renamed by vLLM to the fused ``qkv_proj`` with a shard id) reach the field loader, which keeps them
+   per part.
+2. ``process_weights_after_loading`` builds each part's layer (validated as on any load), cuts this rank's shard
+   (:mod:`cmpq_kernels.tensor_parallel`: rows for column-parallel layers; for row-parallel ones a zero-padded
+   repack of the rank's input channels (CMPQ) or the rank's whole 128-channel groups (MixLLM)), stacks the parts
+   of a fused layer into one matrix when they can be one (CMPQ: one shared input permutation, which
+   ``share_input_widths`` gives; MixLLM: the same act_bits) and keeps them as separate products otherwise, then
+   holds the result as :class:`~cmpq_kernels.nn.CMPQLinear` / :class:`~cmpq_kernels.mixllm_nn.MixLLMLinear` modules.
+3. ``apply`` runs the method's op (fake impls exist, so vLLM's compiled graphs trace it).
 
 The whole checkpoint of one part is held until its shard is cut; a rank ends up with its shard only.
 Limits: decoder linears only (a quantized ``lm_head`` is refused), dtypes float32/float16/bfloat16, any
-tensor-parallel size whose row ranges fall on codebook-row boundaries; pipeline parallelism and LoRA are untested.
+tensor-parallel size whose shards fall on codebook-row boundaries (CMPQ) or 128-channel groups (MixLLM
+row-parallel layers); pipeline parallelism and LoRA are untested.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +46,14 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.logger import init_logger
 from vllm.model_executor.utils import set_weight_attrs
 
+from . import mixllm_format, tensor_parallel as tp
 from .checkpoint import QUANT_METHOD, check_quantization_config, layer_from_tensors, verify_weights
-from .format import LAYER_FIELDS, CMPQLayer, field_dtype
+from .format import LAYER_FIELDS, field_dtype
+from .mixllm_checkpoint import check_mixllm_config, layer_from_tensors as mixllm_layer_from_tensors
+from .mixllm_nn import MixLLMLinear
 from .nn import CMPQLinear
-from .tensor_parallel import concat_rows, fusion_problem, slice_columns, slice_rows
 
-__all__ = ["CMPQVllmConfig", "CMPQLinearMethod", "register"]
+__all__ = ["PackedMethod", "CMPQ", "MIXLLM", "CMPQVllmConfig", "MixLLMVllmConfig", "PackedLinearMethod", "register"]
 
 logger = init_logger(__name__)
 
@@ -52,17 +61,44 @@ logger = init_logger(__name__)
 _PART_INDEX = {"q": 0, "k": 1, "v": 2, None: 0, 0: 0, 1: 1}
 
 
-class CMPQVllmConfig(QuantizationConfig):
-    """The ``quantization_config`` of a CMPQ checkpoint, as vLLM sees it (validated on construction)."""
+@dataclasses.dataclass(frozen=True)
+class PackedMethod:
+    """What the vLLM glue needs to know of one packed format (the rest is shared)."""
+
+    name: str                                             #: quant_method, and the child module holding the fields
+    fields: tuple[str, ...]                               #: packed tensors, as named in the checkpoint
+    field_dtype: Callable[[str, int], torch.dtype]        #: (field, in_features) -> dtype
+    check_config: Callable[[Any, str], None]              #: (quantization_config, where) -> raises ValueError
+    layer_from_tensors: Callable[[str, dict, dict], Any]  #: (module, entry, {"<module>.<name>.<field>": t}) -> layer
+    slice_rows: Callable[[Any, int, int], Any]            #: output rows [start, start + size)
+    slice_columns: Callable[[Any, int, int], Any]         #: input channels [start, start + size); k may be padded
+    fusion_problem: Callable[[Sequence[Any]], Optional[str]]
+    concat_rows: Callable[[Sequence[Any]], Any]
+    module: Callable[[Any, dict], nn.Module]              #: (layer, checkpoint entry) -> the module that runs it
+
+
+CMPQ = PackedMethod(QUANT_METHOD, LAYER_FIELDS, field_dtype, check_quantization_config, layer_from_tensors, tp.slice_rows,
+                    lambda layer, start, size: tp.slice_columns(layer, start, size).layer, tp.fusion_problem,
+                    tp.concat_rows, lambda layer, entry: CMPQLinear(layer))
+MIXLLM = PackedMethod(mixllm_format.QUANT_METHOD, mixllm_format.LAYER_FIELDS,
+                      lambda field, k: mixllm_format.FIELD_DTYPES[field], check_mixllm_config, mixllm_layer_from_tensors,
+                      tp.mixllm_slice_rows, tp.mixllm_slice_columns, tp.mixllm_fusion_problem, tp.mixllm_concat_rows,
+                      lambda layer, entry: MixLLMLinear(layer, entry["act_bits"]))
+
+
+class PackedVllmConfig(QuantizationConfig):
+    """The ``quantization_config`` of a checkpoint of :attr:`method`, as vLLM sees it (validated on construction)."""
+
+    method: PackedMethod
 
     def __init__(self, qconfig: dict[str, Any]) -> None:
         super().__init__()
-        check_quantization_config(qconfig, "quantization_config")
+        self.method.check_config(qconfig, "quantization_config")
         self.qconfig = qconfig
         self.modules: dict[str, dict] = qconfig["modules"]
 
     def get_name(self) -> str:
-        return QUANT_METHOD
+        return self.method.name
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
         return [torch.float32, torch.float16, torch.bfloat16]
@@ -76,11 +112,11 @@ class CMPQVllmConfig(QuantizationConfig):
         return []  # everything is in config.json's quantization_config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "CMPQVllmConfig":
+    def from_config(cls, config: dict[str, Any]) -> "PackedVllmConfig":
         return cls(config)
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: Optional[str] = None) -> None:
-        """Check the weights files' SHA-256 against the checkpoint's record, as every CMPQ loader does."""
+        """Check the weights files' SHA-256 against the checkpoint's record, as every loader here does."""
         if os.path.isdir(model_name):
             verify_weights(model_name, self.qconfig)
 
@@ -99,7 +135,7 @@ class CMPQVllmConfig(QuantizationConfig):
         if not all(listed):
             raise ValueError(f"{prefix}: vLLM fuses {parts}, but the checkpoint quantized only "
                              f"{[p for p, q in zip(parts, listed) if q]}; quantize all of them or none")
-        return CMPQLinearMethod([self.modules[p] for p in parts], parts)
+        return PackedLinearMethod(self.method, [self.modules[p] for p in parts], parts)
 
     def part_names(self, prefix: str) -> list[str]:
         """Checkpoint module names of vLLM layer ``prefix`` (``...qkv_proj`` -> ``...q_proj``, ``k_proj``, ``v_proj``)."""
@@ -108,10 +144,23 @@ class CMPQVllmConfig(QuantizationConfig):
         return [f"{parent}.{p}" if parent else p for p in fused] if fused else [prefix]
 
 
-class CMPQLinearMethod(LinearMethodBase):
-    """Loads, shards and runs one vLLM linear layer whose parts are CMPQ layers."""
+class CMPQVllmConfig(PackedVllmConfig):
+    """vLLM's ``"cmpq"`` quantization: checkpoints of :func:`cmpq_kernels.save_quantized`."""
 
-    def __init__(self, entries: list[dict], names: list[str]) -> None:
+    method = CMPQ
+
+
+class MixLLMVllmConfig(PackedVllmConfig):
+    """vLLM's ``"mixllm"`` quantization: checkpoints of :func:`cmpq_kernels.save_mixllm`."""
+
+    method = MIXLLM
+
+
+class PackedLinearMethod(LinearMethodBase):
+    """Loads, shards and runs one vLLM linear layer whose parts are packed layers of ``method``."""
+
+    def __init__(self, method: PackedMethod, entries: list[dict], names: list[str]) -> None:
+        self.method = method
         self.entries = entries
         self.names = names
 
@@ -124,48 +173,53 @@ class CMPQLinearMethod(LinearMethodBase):
             if entry["in_features"] != input_size or not 0 < rows <= entry["out_features"]:
                 raise ValueError(f"{name}: the model wants {rows} of {input_size}-wide rows on this rank, the "
                                  f"checkpoint has {entry['out_features']}x{entry['in_features']}")
-        layer.cmpq = nn.Module()
-        for field in LAYER_FIELDS:
-            param = nn.Parameter(torch.empty(0, dtype=field_dtype(field, input_size)), requires_grad=False)
+        holder = nn.Module()
+        for field in self.method.fields:
+            param = nn.Parameter(torch.empty(0, dtype=self.method.field_dtype(field, input_size)), requires_grad=False)
             set_weight_attrs(param, {"weight_loader": self._field_loader(layer, field)})
-            layer.cmpq.register_parameter(field, param)
-        layer.cmpq_parts = [{} for _ in self.entries]  # part -> field -> tensor, as loaded
-        layer.cmpq_input = (input_size_per_partition, input_size)
-        layer.cmpq_rows = list(output_partition_sizes)
+            holder.register_parameter(field, param)
+        setattr(layer, self.method.name, holder)
+        layer.packed_parts = [{} for _ in self.entries]  # part -> field -> tensor, as loaded
+        layer.packed_input = (input_size_per_partition, input_size)
+        layer.packed_rows = list(output_partition_sizes)
 
     def _field_loader(self, layer: nn.Module, field: str):
         def load(param: nn.Parameter, tensor: torch.Tensor, shard_id: Any = None) -> None:
             shard_id = getattr(tensor, "shard_id", shard_id)
-            if shard_id not in _PART_INDEX or _PART_INDEX[shard_id] >= len(layer.cmpq_parts):
+            if shard_id not in _PART_INDEX or _PART_INDEX[shard_id] >= len(layer.packed_parts):
                 raise ValueError(f"{self.names}: unexpected part {shard_id!r} for field {field}")
-            layer.cmpq_parts[_PART_INDEX[shard_id]][field] = tensor
+            layer.packed_parts[_PART_INDEX[shard_id]][field] = tensor
         return load
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         shards = [self._shard(layer, i) for i in range(len(self.entries))]
+        entries = self.entries
         if len(shards) > 1:
-            problem = fusion_problem(shards)
+            problem = self.method.fusion_problem(shards)
+            if problem is None and len({entry.get("act_bits") for entry in entries}) > 1:
+                problem = "the parts quantize their activations differently (act_bits)"
             if problem is None:
-                shards = [concat_rows(shards)]
+                shards, entries = [self.method.concat_rows(shards)], entries[:1]
             else:  # still exact: one product per part, outputs concatenated
-                logger.warning_once("cmpq: %s are run as %d separate products (%s); quantize with "
-                                    "share_input_widths=True to fuse them", ", ".join(self.names), len(shards), problem)
-        del layer.cmpq, layer.cmpq_parts
-        layer.cmpq = nn.ModuleList(CMPQLinear(s) for s in shards)
+                logger.warning_once("%s: %s are run as %d separate products (%s)", self.method.name,
+                                    ", ".join(self.names), len(shards), problem)
+        del layer.packed_parts
+        setattr(layer, self.method.name, nn.ModuleList(self.method.module(s, e) for s, e in zip(shards, entries)))
 
-    def _shard(self, layer: nn.Module, part: int) -> CMPQLayer:
-        name, entry, tensors = self.names[part], self.entries[part], layer.cmpq_parts[part]
-        missing = [f for f in LAYER_FIELDS if f not in tensors]
+    def _shard(self, layer: nn.Module, part: int) -> Any:
+        name, entry, tensors = self.names[part], self.entries[part], layer.packed_parts[part]
+        missing = [f for f in self.method.fields if f not in tensors]
         if missing:
             raise ValueError(f"{name}: the checkpoint lacks {', '.join(missing)}")
-        full = layer_from_tensors(name, {**entry, "bias": False}, {f"{name}.cmpq.{f}": t for f, t in tensors.items()})
-        local_k, k = layer.cmpq_input
+        full = self.method.layer_from_tensors(name, {**entry, "bias": False},
+                                              {f"{name}.{self.method.name}.{f}": t for f, t in tensors.items()})
+        local_k, k = layer.packed_input
         if local_k != k:  # row-parallel: this rank's input channels
-            return slice_columns(full, layer.tp_rank * local_k, local_k).layer
-        rows = layer.cmpq_rows[part]
+            return self.method.slice_columns(full, layer.tp_rank * local_k, local_k)
+        rows = layer.packed_rows[part]
         if rows == full.n:
             return full
-        return slice_rows(full, self._row_shard(layer, part) * rows, rows)
+        return self.method.slice_rows(full, self._row_shard(layer, part) * rows, rows)
 
     def _row_shard(self, layer: nn.Module, part: int) -> int:
         """Which block of ``rows`` this rank holds: k/v heads are replicated over ``num_kv_head_replicas`` ranks."""
@@ -174,7 +228,7 @@ class CMPQLinearMethod(LinearMethodBase):
         return layer.tp_rank
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        parts = [module(_padded(x, module.in_features)) for module in layer.cmpq]
+        parts = [module(_padded(x, module.in_features)) for module in getattr(layer, self.method.name)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y if bias is None else y + bias
 
@@ -185,5 +239,7 @@ def _padded(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def register() -> None:
-    """Register the ``"cmpq"`` method with vLLM (the ``vllm.general_plugins`` entry point; idempotent)."""
-    register_quantization_config(QUANT_METHOD)(CMPQVllmConfig)
+    """Register the ``"cmpq"`` and ``"mixllm"`` methods with vLLM (the ``vllm.general_plugins`` entry point;
+    idempotent)."""
+    for config in (CMPQVllmConfig, MixLLMVllmConfig):
+        register_quantization_config(config.method.name)(config)

@@ -2,7 +2,7 @@
 
 For tp = 1, 2, 4 a column-parallel layer is the concatenation of its row shards and a row-parallel layer the
 sum of its column shards, against the unsharded layer and the float64 reference; fused parts stack into one
-layer only when they share a permutation.
+layer only when they share a permutation. The same for MixLLM layers (whole 128-channel groups per rank).
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmpq_kernels import ops, reference
-from cmpq_kernels.tensor_parallel import concat_rows, slice_columns, slice_rows
-from conftest import make_layer, norm_rel_error, random_x
+from cmpq_kernels import mixllm_reference, ops, reference
+from cmpq_kernels.tensor_parallel import (concat_rows, mixllm_concat_rows, mixllm_slice_columns, mixllm_slice_rows,
+                                          slice_columns, slice_rows)
+from conftest import make_layer, make_mixllm_layer, norm_rel_error, random_x
 
 CASES = {  # name: (n, k, seg_k, codebook_rows, outlier density)
     "even": (64, 256, (96, 96, 64), 4, 0.02),
@@ -110,3 +111,67 @@ def test_column_shard_keeps_codes_and_codebooks():
     ws = reference.dequantize(shard.layer, torch.float64)
     assert torch.equal(ws[:, :512], w)
     np.testing.assert_array_equal(shard.layer.codebooks[0].numpy(), layer.codebooks[0].numpy())
+
+
+# ---- MixLLM -------------------------------------------------------------------------------------------------
+
+MIXLLM_CASES = {"k512": (48, 512, 9), "partial-group": (40, 576, 0), "all-8bit": (16, 256, 16)}  # (n, k, n8)
+
+
+def mixllm_layer_of(case: str, seed: int = 1):
+    n, k, n8 = MIXLLM_CASES[case]
+    return make_mixllm_layer(n, k, n8, bias=torch.float32, seed=seed)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("case", sorted(MIXLLM_CASES))
+def test_mixllm_row_shards_concatenate_to_the_layer(case, tp, act_bits):
+    layer = mixllm_layer_of(case)
+    x = random_x(5, layer.k)
+    size = layer.n // tp
+    shards = [mixllm_slice_rows(layer, r * size, size) for r in range(tp)]
+    assert sum(s.n8 for s in shards) == layer.n8
+    y = torch.cat([ops.mixllm_gemm(x, s, act_bits=act_bits) for s in shards], dim=1)
+    assert torch.equal(y, ops.mixllm_gemm(x, layer, act_bits=act_bits))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_mixllm_column_shards_sum_to_the_layer(tp):
+    """Whole groups per rank: each rank quantizes its activations as the unsharded op does, so the shards' sum is
+    the unsharded product up to FP32 summation order."""
+    layer = mixllm_layer_of("k512", seed=3)
+    x = random_x(7, layer.k, seed=1)
+    size = layer.k // tp
+    y = sum(ops.mixllm_gemm(x[:, r * size:(r + 1) * size].contiguous(), mixllm_slice_columns(layer, r * size, size))
+            for r in range(tp)) + layer.bias
+    exact = mixllm_reference.linear(x, layer)
+    assert norm_rel_error(y, exact) < 2e-6
+    assert norm_rel_error(y, ops.mixllm_gemm(x, layer)) < 2e-6
+
+
+def test_mixllm_column_shard_with_the_partial_group_keeps_the_weights():
+    layer = mixllm_layer_of("partial-group")
+    shard = mixllm_slice_columns(layer, 512, 64)  # the last, 64-wide group
+    assert shard.k == 64 and shard.groups == 1
+    assert torch.equal(mixllm_reference.dequantize(shard), mixllm_reference.dequantize(layer)[:, 512:])
+
+
+def test_mixllm_concat_rows_of_parts_with_one_input():
+    base = mixllm_layer_of("k512")
+    parts = [mixllm_slice_rows(base, 0, 16), mixllm_slice_rows(base, 16, 24), mixllm_slice_rows(base, 40, 8)]
+    fused = mixllm_concat_rows(parts)
+    x = random_x(4, base.k)
+    assert fused.n8 == base.n8 and torch.equal(ops.mixllm_gemm(x, fused), ops.mixllm_gemm(x, base))
+
+
+def test_mixllm_shards_refuse_what_they_cannot_make_exactly():
+    layer = mixllm_layer_of("k512")
+    with pytest.raises(ValueError, match="split a 128-channel group"):
+        mixllm_slice_columns(layer, 64, 256)
+    with pytest.raises(ValueError, match="split a 128-channel group"):
+        mixllm_slice_columns(layer, 0, 192)
+    with pytest.raises(ValueError, match="inside"):
+        mixllm_slice_rows(layer, 40, 16)
+    with pytest.raises(ValueError, match="input channels"):
+        mixllm_concat_rows([layer, mixllm_layer_of("partial-group")])

@@ -1,4 +1,4 @@
-"""CMPQ checkpoints served by the real vLLM engine (CPU build), no mock (cmpq_kernels/vllm.py).
+"""CMPQ and MixLLM checkpoints served by the real vLLM engine (CPU build), no mock (cmpq_kernels/vllm.py).
 
 vLLM lives in its own virtual environment (``scripts/vllm_venv.sh``); ``CMPQ_VLLM_PYTHON`` names its Python, and
 ``.ci/run`` sets it. Each case quantizes a model here, serves it with ``bench/vllm_serve.py`` in a subprocess
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import cmpq_kernels
-from cmpq_kernels.checkpoint import load_quantized, read_quantization_config
+from cmpq_kernels.checkpoint import load_quantized
 from cmpq_kernels.generation import generate
 from cmpq_kernels.corpora import read_text
 from cmpq_kernels.models import load_model, load_tokenizer
@@ -45,16 +45,16 @@ def serve(model_dir: Path, out: Path, tp: int = 1) -> dict:
     return json.loads(out.read_text())
 
 
-def own_tokens(model_dir: Path) -> list[list[int]]:
-    """Greedy tokens of the checkpoint through cmpq_kernels' own path (load_quantized + generate)."""
-    model, tokenizer = load_quantized(str(model_dir)), load_tokenizer(str(model_dir))
+def own_tokens(model_dir: Path, load=load_quantized) -> list[list[int]]:
+    """Greedy tokens of the checkpoint through cmpq_kernels' own path (``load`` + generate)."""
+    model, tokenizer = load(str(model_dir)), load_tokenizer(str(model_dir))
     return [generate(model, tokenizer, p, MAX_TOKENS, echo=False)["token_ids"]
             for p in import_bench("vllm_serve").PROMPTS]
 
 
 def expected_layers(model_dir: Path) -> set[str]:
     """vLLM's layer names for the checkpoint's quantized modules (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
-    _, qconfig = read_quantization_config(str(model_dir))
+    qconfig = json.loads((model_dir / "config.json").read_text())["quantization_config"]
     names = set()
     for name in qconfig["modules"]:
         parent, _, leaf = name.rpartition(".")
@@ -62,18 +62,36 @@ def expected_layers(model_dir: Path) -> set[str]:
     return names
 
 
-def quantize_tiny(directory: Path, tokenizer, **options) -> Path:
-    """A random 2-block Llama with 4 heads (2 KV heads), quantized at 3 bits and saved."""
+TINY_TEXT = ["The cat sat on the mat while the dog ran in the park. " * 30]
+
+
+def tiny_llama(tokenizer, hidden: int = 128) -> "transformers.LlamaForCausalLM":
+    """A random 2-block Llama with 4 heads (2 KV heads) of width ``hidden``."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                                   initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    text = ["The cat sat on the mat while the dog ran in the park. " * 30]
-    report = cmpq_kernels.quantize_model(model, text, bits=3.0, tokenizer=tokenizer, n_samples=4, seq_len=64,
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                   max_position_embeddings=512, initializer_range=0.1,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def quantize_tiny(directory: Path, tokenizer, **options) -> Path:
+    """:func:`tiny_llama` quantized with CMPQ at 3 bits and saved."""
+    model = tiny_llama(tokenizer)
+    report = cmpq_kernels.quantize_model(model, TINY_TEXT, bits=3.0, tokenizer=tokenizer, n_samples=4, seq_len=64,
                                          progress=False, **options)
     cmpq_kernels.save_quantized(model, str(directory), tokenizer=tokenizer, report=report)
+    return directory
+
+
+def quantize_tiny_mixllm(directory: Path, tokenizer, act_bits: int = 8) -> Path:
+    """:func:`tiny_llama` 256 wide (so o_proj's and down_proj's inputs split into whole 128-channel groups at
+    tp = 2) quantized with MixLLM at p = 10 and saved."""
+    model = tiny_llama(tokenizer, hidden=256)
+    report = cmpq_kernels.quantize_model_mixllm(model, TINY_TEXT, 10.0, tokenizer=tokenizer, n_samples=4, seq_len=64,
+                                                act_bits=act_bits, progress=False)
+    cmpq_kernels.save_mixllm(model, str(directory), tokenizer=tokenizer, report=report)
     return directory
 
 
@@ -96,7 +114,7 @@ def test_smollm2_serves_through_the_cmpq_op(tmp_path):
     cmpq_kernels.save_quantized(model, str(directory), tokenizer=tokenizer, report=report)
     result = serve(directory, tmp_path / "result.json")
     assert result["quantization"] == "cmpq"
-    calls = result["cmpq_calls"]
+    calls = result["quantized_calls"]
     assert set(calls) == expected_layers(directory) and len(calls) == 30 * 4
     assert min(calls.values()) >= MAX_TOKENS  # prefill, then one call per decode step at least
     assert result["token_ids"] == own_tokens(directory)
@@ -106,7 +124,7 @@ def test_tensor_parallel_2_matches_tp1_and_own_path(tiny_dir, tmp_path):
     """tp = 2: column-parallel qkv/gate_up (one KV head per rank) and row-parallel o/down (repacked) shards."""
     tp1 = serve(tiny_dir, tmp_path / "tp1.json", tp=1)
     tp2 = serve(tiny_dir, tmp_path / "tp2.json", tp=2)
-    assert set(tp1["cmpq_calls"]) == expected_layers(tiny_dir)
+    assert set(tp1["quantized_calls"]) == expected_layers(tiny_dir)
     own = own_tokens(tiny_dir)
     assert tp1["token_ids"] == own
     assert tp2["token_ids"] == own
@@ -117,7 +135,7 @@ def test_unfused_checkpoint_still_serves(tokenizer, tmp_path):
     """Parts quantized with their own permutations run as separate products: slower, same tokens."""
     directory = quantize_tiny(tmp_path / "unfused", tokenizer, share_input_widths=False)
     result = serve(directory, tmp_path / "result.json")
-    assert set(result["cmpq_calls"]) == expected_layers(directory)
+    assert set(result["quantized_calls"]) == expected_layers(directory)
     assert result["token_ids"] == own_tokens(directory)
 
 
@@ -136,3 +154,17 @@ def test_quantized_lm_head_is_refused_clearly(tokenizer, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     assert "a quantized lm_head is not supported" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_mixllm_serves_at_tp1_and_tp2_with_its_own_tokens(tokenizer, tmp_path, act_bits):
+    """The "mixllm" method: every quantized linear runs the MixLLM op; tp = 2 shards rows (qkv, gate_up) and whole
+    input-channel groups (o, down); both give cmpq_kernels' own greedy tokens."""
+    directory = quantize_tiny_mixllm(tmp_path / "mixllm", tokenizer, act_bits)
+    tp1 = serve(directory, tmp_path / "tp1.json", tp=1)
+    assert tp1["quantization"] == "mixllm" and set(tp1["quantized_calls"]) == expected_layers(directory)
+    own = own_tokens(directory, load=cmpq_kernels.load_mixllm)
+    assert tp1["token_ids"] == own
+    assert len({tuple(t) for t in own}) > 1
+    if act_bits == 8:
+        assert serve(directory, tmp_path / "tp2.json", tp=2)["token_ids"] == own
