@@ -28,10 +28,12 @@ inline void check_mixllm_status(cuda::Status status, const char* kernel, const V
               " (m=", m, ", n=", view.n, ", k=", view.k, ")");
 }
 
-// The kernels read q8 8 bytes and q4 4 bytes at a time; a tensor viewed at an odd offset gets an aligned copy
-// (fresh allocations are always aligned, so this costs nothing in practice).
+// The kernels read q8 8 bytes and q4 4 bytes at a time; a contiguous tensor viewed at an odd offset gets an
+// aligned copy (fresh allocations are always aligned, so this costs nothing in practice). Anything else goes to
+// the checks unchanged, which reject it as the CPU op does.
 inline at::Tensor aligned(const at::Tensor& t, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 ? t : t.clone();
+  const bool misaligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes != 0;
+  return misaligned && t.is_contiguous() ? t.clone() : t;
 }
 
 // (q int8 [m, k], scale fp16 [m, G]) of x [m, k], already checked. Emulated runs poison both first (gpu_ops.h's

@@ -1,5 +1,5 @@
 // mixllm_gemm.cu — the MixLLM W8/W4 x A8 product on integer tensor cores, plus its dequantizer (the W*A16 path).
-// Layout: ../mixllm_layout.h; arithmetic: cmpq_kernels/mixllm_reference.py; design: docs/DESIGN.md §9.7.
+// Layout: ../mixllm_layout.h; arithmetic: cmpq_kernels/mixllm_reference.py; design: docs/DESIGN.md §9.6.
 //
 // A call is two launches:
 //   Step 1 (mixllm_quantize_kernel): one warp per (token, 128-wide group) quantizes x to int8 codes and an fp16
@@ -119,32 +119,55 @@ CMPQ_DEVICE_INLINE void centre_nibbles(uint32_t w, uint32_t bias4, uint32_t& lo,
   hi = ((ptx::prmt(w, shifted, 0x7362u) & 0x0f0f0f0fu) + bias4) ^ 0x80808080u;
 }
 
-// One stored row's A registers for the step at column kc (= step start + 8t): lo (columns kc..kc+3) and hi
-// (kc+4..kc+7); zeros for a row past the part's end (its MMA rows are computed and never stored).
+// One stored row's A registers for one step: lo (the lane's columns 8t..8t+3 of the step) and hi (8t+4..8t+7).
+// `row` points at the row's codes of the lane's first column in the step's group; `step` is the step in it.
 template <int BITS>
-CMPQ_DEVICE_INLINE void load_row(const mx::View& layer, int r, bool valid, int kc, uint32_t bias4, uint32_t& lo,
-                                 uint32_t& hi) {
-  lo = hi = 0;
-  if (!valid) return;
+CMPQ_DEVICE_INLINE void load_row(const unsigned char* row, int step, uint32_t bias4, uint32_t& lo, uint32_t& hi) {
   if constexpr (BITS == 8) {
-    const uint2 w = __ldg(reinterpret_cast<const uint2*>(layer.codes8(r) + kc));
+    const uint2 w = __ldg(reinterpret_cast<const uint2*>(row + step * kStepK));
     lo = w.x, hi = w.y;
   } else {
-    centre_nibbles(__ldg(reinterpret_cast<const uint32_t*>(layer.codes4(r) + kc / 2)), bias4, lo, hi);
+    centre_nibbles(__ldg(reinterpret_cast<const uint32_t*>(row + step * kStepK / 2)), bias4, lo, hi);
   }
 }
 
 CMPQ_DEVICE_INLINE float half_bits_value(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
+// Stored row r's packed codes from the lane's first column (8t), formed once per warp tile so the hot loop only
+// adds constant offsets.
+template <int BITS>
+CMPQ_DEVICE_INLINE const unsigned char* row_codes(const mx::View& layer, int r, int t) {
+  if constexpr (BITS == 8) return reinterpret_cast<const unsigned char*>(layer.codes8(r)) + 8 * t;
+  else return layer.codes4(r) + 4 * t;
+}
+
 // One warp's 16 stored rows [r0, r0 + 16) of one part (rows from r_end on are padding) times tokens
-// [tok0, tok0 + 8 * NT), accumulated over every group, then written to y.
+// [tok0, tok0 + 8 * NT), accumulated over every group, then written to y. Padding rows and tokens past m read
+// the last real row / token instead of branching around the loads: an MMA output element depends on one A row
+// and one B column only, so their results are simply never stored.
 template <int BITS, class T, int NT>
 CMPQ_DEVICE_INLINE void warp_tile(const mx::View& layer, const int8_t* __restrict__ qx, const uint16_t* __restrict__ sx,
                                   const float* __restrict__ bias, T* __restrict__ y, int m, int r0, int r_end,
                                   int tok0) {
+  if (r0 >= r_end) return;  // a warp past the part's end (no block-wide barrier waits for it)
   const int lane = threadIdx.x % kWarpSize, g = lane >> 2, t = lane & 3;
   const int ra = r0 + g, rb = r0 + g + 8;  // the lane's A rows g and g + 8
-  const bool va = ra < r_end, vb = rb < r_end;
+  const int ra_read = min(ra, r_end - 1), rb_read = min(rb, r_end - 1);
+  const unsigned char* const wa = row_codes<BITS>(layer, ra_read, t);
+  const unsigned char* const wb = row_codes<BITS>(layer, rb_read, t);
+  const uint16_t* const swa = layer.scales(ra_read);
+  const uint16_t* const swb = layer.scales(rb_read);
+  // Per token tile j: this lane's B token (8j + g) codes from column 8t, and its D tokens' (8j + 2t, + 1) scales.
+  const int8_t* xrow[NT];
+  const uint16_t* sx0[NT];
+  const uint16_t* sx1[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int tb = min(tok0 + j * kTokens + g, m - 1), td = tok0 + j * kTokens + 2 * t;
+    xrow[j] = qx + static_cast<int64_t>(tb) * layer.k + 8 * t;
+    sx0[j] = sx + static_cast<int64_t>(min(td, m - 1)) * layer.groups;
+    sx1[j] = sx + static_cast<int64_t>(min(td + 1, m - 1)) * layer.groups;
+  }
   float out[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -160,36 +183,33 @@ CMPQ_DEVICE_INLINE void warp_tile(const mx::View& layer, const int8_t* __restric
       for (int c = 0; c < 4; ++c) acc[j][c] = kMagicBits;
     uint32_t bias_a = 0, bias_b = 0;  // 4-bit rows: the zero points of this group, as centring constants
     if constexpr (BITS == 4) {
-      if (va) bias_a = 0x80808080u - static_cast<uint32_t>(mx::nibble(layer.zeros4(ra), grp)) * 0x01010101u;
-      if (vb) bias_b = 0x80808080u - static_cast<uint32_t>(mx::nibble(layer.zeros4(rb), grp)) * 0x01010101u;
+      bias_a = 0x80808080u - static_cast<uint32_t>(mx::nibble(layer.zeros4(ra_read), grp)) * 0x01010101u;
+      bias_b = 0x80808080u - static_cast<uint32_t>(mx::nibble(layer.zeros4(rb_read), grp)) * 0x01010101u;
     }
     // b. the group's MMA steps (fewer than 4 only in a partial last group)
     const int steps = mx::group_width(layer.k, grp) / kStepK;
+    const int64_t column = static_cast<int64_t>(grp) * mx::kGroup;
+    const unsigned char* const ga = wa + column * BITS / 8;
+    const unsigned char* const gb = wb + column * BITS / 8;
 #pragma unroll
     for (int s = 0; s < mx::kGroup / kStepK; ++s) {
       if (s >= steps) break;
-      const int kc = grp * mx::kGroup + s * kStepK + 8 * t;
       uint32_t a[4];
-      load_row<BITS>(layer, ra, va, kc, bias_a, a[0], a[2]);
-      load_row<BITS>(layer, rb, vb, kc, bias_b, a[1], a[3]);
+      load_row<BITS>(ga, s, bias_a, a[0], a[2]);
+      load_row<BITS>(gb, s, bias_b, a[1], a[3]);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const int token = tok0 + j * kTokens + g;
-        uint2 xb = make_uint2(0u, 0u);  // tokens past m multiply as zeros and are never stored
-        if (token < m) xb = __ldg(reinterpret_cast<const uint2*>(qx + static_cast<int64_t>(token) * layer.k + kc));
+        const uint2 xb = __ldg(reinterpret_cast<const uint2*>(xrow[j] + column + s * kStepK));
         const uint32_t b[2] = {xb.x, xb.y};
         ptx::mma_m16n8k32_s8s32(acc[j], a, b, acc[j]);
       }
     }
     // c. exact conversion and the per-group scales: D fragment c0/c1 = row g, tokens 2t, 2t+1; c2/c3 = row g+8
-    const float sw_a = va ? half_bits_value(layer.scales(ra)[grp]) : 0.f;
-    const float sw_b = vb ? half_bits_value(layer.scales(rb)[grp]) : 0.f;
+    const float sw_a = half_bits_value(swa[grp]), sw_b = half_bits_value(swb[grp]);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const int token = tok0 + j * kTokens + 2 * t;
-      const float sx0 = token < m ? half_bits_value(sx[static_cast<int64_t>(token) * layer.groups + grp]) : 0.f;
-      const float sx1 = token + 1 < m ? half_bits_value(sx[static_cast<int64_t>(token + 1) * layer.groups + grp]) : 0.f;
-      const float sw[4] = {sw_a, sw_a, sw_b, sw_b}, sxx[4] = {sx0, sx1, sx0, sx1};
+      const float s0 = half_bits_value(sx0[j][grp]), s1 = half_bits_value(sx1[j][grp]);
+      const float sw[4] = {sw_a, sw_a, sw_b, sw_b}, sxx[4] = {s0, s1, s0, s1};
 #pragma unroll
       for (int c = 0; c < 4; ++c)
         out[j][c] = __fmaf_rn(__int_as_float(acc[j][c]) - kMagic, sw[c] * sxx[c], out[j][c]);
@@ -201,7 +221,7 @@ CMPQ_DEVICE_INLINE void warp_tile(const mx::View& layer, const int8_t* __restric
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     const int r = c < 2 ? ra : rb;
-    if (!(c < 2 ? va : vb)) continue;
+    if (r >= r_end) continue;
     const int col = layer.row_index(r);
     if (static_cast<unsigned>(col) >= static_cast<unsigned>(layer.n)) continue;
     const float b = bias != nullptr ? bias[col] : 0.f;
