@@ -7,7 +7,7 @@
 //   Step 2 (mixllm_gemm_kernel): Y^T = W X^T on mma.m16n8k32 s8 ("swapped" operands: the weights are the 16-row
 //     A operand and 8 tokens the B operand, so a decode step with m = 1 wastes 7/8 of the MMA, not 15/16).
 //     A block is 4 warps; each warp owns 16 stored rows of ONE part (blockIdx.x first covers the 8-bit rows,
-//     then the 4-bit rows: the branch is block-uniform) and kTokenTiles x 8 tokens (blockIdx.y). Per group:
+//     then the 4-bit rows: the branch is block-uniform) and NT x 8 tokens (blockIdx.y). Per group:
 //       a. the accumulators start at the magic bits 0x4B400000 (see kMagicBits),
 //       b. per 32-column step, each lane loads its fragment straight from global memory (no shared memory: a
 //          weight is read once per block and used by one MMA, so staging would only add a round trip), a 4-bit
@@ -24,7 +24,7 @@
 // (a2/a3, b1) of every row, so this kernel gives it the 8 CONSECUTIVE columns 8t..8t+7 of the step instead:
 //   a0/a1 = W[row g / g+8][8t .. 8t+3],  a2/a3 = W[row g / g+8][8t+4 .. 8t+7],
 //   b0    = Xq[token g][8t .. 8t+3],     b1    = Xq[token g][8t+4 .. 8t+7].
-// One 64-bit load then fills a0/a2 of an 8-bit row and b0/b1, and one 32-bit load holds an 4-bit row's 8 codes.
+// One 64-bit load then fills a0/a2 of an 8-bit row and b0/b1, and one 32-bit load holds a 4-bit row's 8 codes.
 //
 // Accuracy: every group sum is exact (int32, and exactly converted); the FP32 part is per group one product
 // s_w * s_x, one fused multiply-add into the row's accumulator, groups in order — the CPU kernels' order, so
