@@ -217,6 +217,35 @@ def test_bad_quantizer_and_dequantizer_inputs_raise_like_the_cpu_op():
         assert str(emu.value).splitlines()[0] == str(cpu.value).splitlines()[0]
 
 
+# ---- real GPU only (skipped without one): a large layer, CUDA graph capture ---------------------------------------
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU / CUDA build")
+
+
+@cuda_only
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_cuda_large_layer(m):
+    layer = make_mixllm_layer(4096, 4096, 410, bias=torch.float32, seed=m)
+    x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m)).half()
+    assert_matches(gemm("cuda", x, layer, bias=layer.bias), x, layer, bias=layer.bias)
+
+
+@cuda_only
+def test_cuda_graph_capture_replays_the_op():
+    """The CUDA op makes no host synchronisation (no per-call value checks): it captures and replays."""
+    layer = make_mixllm_layer(300, 576, 40, seed=3)
+    fields = tuple(f.cuda() for f in layer.fields().values())
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(3)).half().cuda()
+    torch.ops.cmpq.mixllm_gemm(x, *fields, None, 8, 1)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.cmpq.mixllm_gemm(x, *fields, None, 8, 1)
+    x.copy_(torch.randn(4, 576, generator=torch.Generator().manual_seed(9)).half().cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.ops.cmpq.mixllm_gemm(x, *fields, None, 8, 1))
+
+
 # ---- mutants: the comparison above must reject a kernel with a plausible bug ---------------------------------------
 
 # A torch-free driver of the two W*A8 launches: reads a layer and x (float32 bits) as text, prints y's bits.
