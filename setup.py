@@ -8,6 +8,8 @@ Switches (environment):
   CMPQ_CUDA_PTX         virtual arch also embedded as PTX, which the driver JIT-compiles on GPUs newer than
                         every SM target, default "90" (empty: none). Not "90a": arch-specific PTX runs on
                         that SM only.
+  CMPQ_BUILD_EMU=0      skip the emulated-kernel extension (cmpq_kernels._C_emu, a CPU test tool): a GPU session
+                        saves its build time; the emulated tests then skip.
 """
 import glob
 import os
@@ -60,16 +62,19 @@ ext_modules = [
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],
     ),
+]
+if os.environ.get("CMPQ_BUILD_EMU", "1") != "0":
     # The CUDA kernels' exact sources built for the host under the SIMT emulation (csrc/emu): this is how
     # the CPU-only test suite checks kernel logic. torch.ops.cmpq_emu.*; not used in inference.
     # The kernels themselves (EMU_KERNELS) are compiled apart, see BuildExtension.
-    cpp_extension.CppExtension(
-        "cmpq_kernels._C_emu",
-        ["csrc/emu_ops.cpp", "csrc/emu/emu.cpp", "csrc/emu/hazards.cpp"],
-        include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": EMU_FLAGS},
-    ),
-]
+    ext_modules.append(
+        cpp_extension.CppExtension(
+            "cmpq_kernels._C_emu",
+            ["csrc/emu_ops.cpp", "csrc/emu/emu.cpp", "csrc/emu/hazards.cpp"],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": EMU_FLAGS},
+        )
+    )
 if want_cuda():
     print(f"cmpq_kernels: building the CUDA extension for {gencode_flags()}")
     ext_modules.append(

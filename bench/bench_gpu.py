@@ -68,7 +68,8 @@ Output: progress lines, then markdown tables on stdout; ``<out>.json`` (``meta``
 ``crossover``, ``failures``, ``partial``) and ``<out>.md``. ``--out`` is a path without extension, or a
 directory (existing, or ending in ``/``) that receives ``gpu_<device-slug>.{json,md}``; default
 ``bench/results/gpu_<device-slug>`` (``..._quick`` with ``--quick``; a temp dir with ``--device cpu``).
-``--quick`` (smoke run, ~1 min): 2 shapes, M = 1, 8, 16, 128, 512, bits 2.5 and 4, 10 reps. ``--shapes``,
+``--quick`` (smoke run, ~1 min): 2 shapes, M = 1, 8, 16, 128, 512, bits 2.5 and 4, 10 reps. ``--priority``
+(what ``gpu_session.sh`` runs): 8192x28672, 4096x4096, 28672x8192, M = 1, 4, 16, 64, 512, bits 2.5, 3, 4. ``--shapes``,
 ``--batch``, ``--bits`` override the lists, e.g.
 ``python bench/bench_gpu.py --shapes 4096x4096 --batch 1,16 --bits 3``.
 ``--device cpu`` runs every step on the CPU with wall-clock timing (a logic check for machines without
@@ -117,6 +118,11 @@ BITS = (2.0, 2.5, 3.0, 3.5, 4.0)
 QUICK_SHAPES = ((4096, 4096), (151936, 896))
 QUICK_BATCHES = (1, 8, 16, 128, 512)
 QUICK_BITS = (2.5, 4.0)
+# --priority: what a short GPU session (gpu_session.sh) measures first: the two LLaMA-70B MLP shapes and a 7B square,
+# the bit widths people deploy, and one M per dispatch regime (GEMV, GEMM, decode + cuBLAS).
+PRIORITY_SHAPES = ((8192, 28672), (4096, 4096), (28672, 8192))
+PRIORITY_BATCHES = (1, 4, 16, 64, 512)
+PRIORITY_BITS = (2.5, 3.0, 4.0)
 
 MIN_REPS = 5
 PROBE_CALLS = 3
@@ -498,6 +504,8 @@ class Runner:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, M=1,8,16,128,512, bits 2.5,4, 10 reps")
+    p.add_argument("--priority", action="store_true",
+                   help="the short-session subset: 8192x28672, 4096x4096, 28672x8192; M=1,4,16,64,512; bits 2.5,3,4")
     p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma list of NxK (out x in), e.g. 4096x4096,151936x896")
     p.add_argument("--batch", type=parse_batches, default=None,
@@ -526,9 +534,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     if args.reps < 1 or args.warmup < 0:
         raise SystemExit("--reps must be >= 1 and --warmup >= 0")
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
-    batches = args.batch or (QUICK_BATCHES if args.quick else BATCHES)
-    bits_list = args.bits or (QUICK_BITS if args.quick else BITS)
+    if args.quick and args.priority:
+        raise SystemExit("--quick and --priority choose different default lists: pass one")
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else PRIORITY_SHAPES if args.priority else SHAPES)
+    batches = args.batch or (QUICK_BATCHES if args.quick else PRIORITY_BATCHES if args.priority else BATCHES)
+    bits_list = args.bits or (QUICK_BITS if args.quick else PRIORITY_BITS if args.priority else BITS)
 
     if args.device == "cuda":
         info = cmpq_kernels.backends()

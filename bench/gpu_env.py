@@ -121,7 +121,7 @@ def metadata(args: argparse.Namespace, dev: Device, shapes: Sequence[tuple[int, 
         "flush_bytes": dev.flush_bytes, "flush_mode": dev.flush_mode, "graph": args.graph,
         "outlier_fraction": OUTLIER_FRACTION, "shapes": [f"{n}x{k}" for n, k in shapes], "batches": list(batches),
         "bits": list(bits_list), "gemv_max_m": GEMV_MAX_M, "gemm_max_m": GEMM_MAX_M,
-        "max_seconds": args.max_seconds, "quick": args.quick,
+        "max_seconds": args.max_seconds, "quick": args.quick, "priority": args.priority,
         "gate": {"rows_per_slice": GATE_ROWS, "max_decode_rel_err": MAX_DECODE_ERR, "max_gemm_rel_err": MAX_GEMM_ERR},
         "baseline": "torch.nn.functional.linear(x, W16), W16 float16 [N, K] contiguous (cuBLAS)" if dev.cuda else
                     "torch.nn.functional.linear(x, W16) on the CPU (--device cpu logic check; timings meaningless)",

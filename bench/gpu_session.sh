@@ -3,21 +3,26 @@
 # Everything it produces lands in $OUT (the device tool's output folder, which comes back).
 #
 # Run from the repository root on the GPU machine (device tool, one call, < 10 min):
-#     bash bench/gpu_session.sh                 # all phases: info build check tests bench (~6-9 min)
+#     bash bench/gpu_session.sh                 # all phases: info build check tests bench (<= 8 min)
 #     bash bench/gpu_session.sh build check     # any subset, in the order given (a warm machine keeps the build)
 # Phases:
 #   info   nvidia-smi -q (nvidia-smi.txt), versions (env.txt)
-#   build  CMPQ_FORCE_CUDA=1 CMPQ_CUDA_ARCHS=90a pip install -v -e . --no-build-isolation --no-deps
-#          (build.log; ptxas registers/spills -> ptxas.txt; falls back to setup.py build_ext --inplace when pip
+#   build  CMPQ_FORCE_CUDA=1 CMPQ_BUILD_EMU=0 CMPQ_CUDA_ARCHS=90a pip install -v -e . --no-build-isolation --no-deps
+#          (no emulated-kernel extension: a CPU test tool; build.log; ptxas registers/spills -> ptxas.txt; falls
+#          back to setup.py build_ext --inplace when pip
 #          itself, not a compiler, fails), then cmpq_kernels.backends() (backends.txt)
 #   check  plain-Python correctness check, no pytest needed (check.log): ops.gemm on the GPU vs the float64
 #          reference for M in 1,3,8,9,16,33,128,129,512, fp16 + bf16, 5 layers (bias, odd n, K=896), determinism, graphs
-#   tests  python -m pytest -q python_tests -k "cuda or emu" (tests.log), if pytest is installed
-#   bench  python bench/bench_gpu.py --max-seconds S --out $OUT/results/ (bench.log, results/gpu_<device>.{json,md})
+#   tests  python -m pytest -q python_tests -k cuda (tests.log): the CUDA tests only, if pytest is installed
+#   bench  python bench/bench_gpu.py --priority --max-seconds S --out $OUT/results/ (bench.log,
+#          results/gpu_<device>.{json,md}): the prioritised subset (bench_gpu.py --help), one summary table
+# At the end everything but the KEEP files below goes into one archive, logs.tar.gz, so $OUT holds at most 8
+# files (the device tool returns no more): summary.txt session.log env.txt check.log ptxas.txt + results JSON/md.
 # A failing phase is recorded and the session goes on (except: no bench/tests without a successful build).
-# Environment: OUT (default: new temp dir); CMPQ_SESSION_BUDGET seconds for the whole call (default 540: the
-# device tool stops a command at 600 s; lower it if `status` shows less device time); CMPQ_BENCH_SECONDS
-# (cap for the benchmark, default 300); CMPQ_BENCH_ARGS (extra bench_gpu.py flags, e.g. "--quick");
+# Environment: OUT (default: new temp dir); CMPQ_SESSION_BUDGET seconds for the whole call (default 480: a lent
+# GPU gives 15 minutes in all, machine start included; lower it if `status` shows less device time);
+# CMPQ_BENCH_SECONDS (cap for the benchmark, default 240); CMPQ_BENCH_ARGS (bench_gpu.py list flags, default
+# "--priority"; e.g. "--quick", or "--shapes 4096x4096 --bits 3");
 # CMPQ_CUDA_ARCHS (default 90a); CMPQ_CUDA_PTX (default empty); PYTHON (default python); CMPQ_CHECK_DEVICE=cpu and CMPQ_CHECK_SMALL=1 run the
 # check phase on the CPU with small shapes (how the CPU test suite exercises this script).
 set -u
@@ -29,8 +34,9 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 REPO=$(pwd)
 START=$(date +%s)
-BUDGET=${CMPQ_SESSION_BUDGET:-540}
-BENCH_CAP=${CMPQ_BENCH_SECONDS:-300}
+BUDGET=${CMPQ_SESSION_BUDGET:-480}
+BENCH_CAP=${CMPQ_BENCH_SECONDS:-240}
+BENCH_ARGS=${CMPQ_BENCH_ARGS---priority}
 PY=${PYTHON:-python}
 command -v "$PY" > /dev/null 2>&1 || PY=python3
 touch "$OUT/.session_start"
@@ -77,9 +83,10 @@ phase_info() {
 }
 
 phase_build() {
-  step "build: CMPQ_FORCE_CUDA=1 CMPQ_CUDA_ARCHS=${CMPQ_CUDA_ARCHS:-90a} pip install -v -e . --no-build-isolation --no-deps"
+  step "build: CMPQ_FORCE_CUDA=1 CMPQ_BUILD_EMU=0 CMPQ_CUDA_ARCHS=${CMPQ_CUDA_ARCHS:-90a} pip install -v -e . --no-build-isolation --no-deps"
   local t0 rc limit; t0=$(date +%s)
-  export CMPQ_FORCE_CUDA=1 CMPQ_CUDA_ARCHS=${CMPQ_CUDA_ARCHS:-90a} CMPQ_CUDA_PTX=${CMPQ_CUDA_PTX-}  # no JIT PTX: saves build time
+  # No JIT PTX and no emulated kernels (a CPU test tool): both only cost build time here.
+  export CMPQ_FORCE_CUDA=1 CMPQ_BUILD_EMU=0 CMPQ_CUDA_ARCHS=${CMPQ_CUDA_ARCHS:-90a} CMPQ_CUDA_PTX=${CMPQ_CUDA_PTX-}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
   limit=$(clamp $(( $(remaining) - 120 )) 60 360)
@@ -216,7 +223,7 @@ PYCHECK
 }
 
 phase_tests() {
-  step "tests: pytest -k 'cuda or emu'"
+  step "tests: pytest -k cuda"
   local t0 rc limit; t0=$(date +%s)
   ensure_import
   if ! "$PY" -c "import pytest" > /dev/null 2>&1; then
@@ -225,7 +232,7 @@ phase_tests() {
     return
   fi
   limit=$(clamp $(( $(remaining) - 180 )) 30 150)
-  timeout -k 10 "$limit" "$PY" -m pytest -q python_tests -k "cuda or emu" -rfEs -p no:cacheprovider \
+  timeout -k 10 "$limit" "$PY" -m pytest -q python_tests -k cuda -rfEs -p no:cacheprovider \
     --durations=10 > "$OUT/tests.log" 2>&1
   rc=$?
   grep -E '^(FAILED|ERROR)' "$OUT/tests.log" | head -20
@@ -240,10 +247,10 @@ phase_bench() {
   local t0 rc secs; t0=$(date +%s)
   ensure_import
   secs=$(clamp $(( $(remaining) - 40 )) 30 "$BENCH_CAP")
-  echo "benchmark budget ${secs}s (--max-seconds), extra args: ${CMPQ_BENCH_ARGS:-none}"
-  # shellcheck disable=SC2086  # CMPQ_BENCH_ARGS is a flag list on purpose
+  echo "benchmark budget ${secs}s (--max-seconds), list args: ${BENCH_ARGS:-none}"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a flag list on purpose
   timeout -k 10 $(( secs + 30 )) "$PY" bench/bench_gpu.py --max-seconds "$secs" --out "$OUT/results/" \
-    ${CMPQ_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+    ${BENCH_ARGS} > "$OUT/bench.log" 2>&1
   rc=$?
   grep -E '!!|ABORT|FAILURES|PARTIAL|Traceback|Error' "$OUT/bench.log" | head -20
   tail -2 "$OUT/bench.log"
@@ -282,8 +289,28 @@ PYSUM
     echo "no benchmark results"
   fi
   echo; echo "phases:"; cat "$OUT/summary.txt" 2>/dev/null
-  echo "files in $OUT:"; ls -la "$OUT" "$OUT/results" 2>/dev/null | grep -v '^total'
+  pack_outputs
+  echo "files in $OUT:"; (cd "$OUT" && find . -type f | sort | sed 's|^\./|  |')
   echo "session done in $(elapsed)s, overall rc=$OVERALL"
+}
+
+# The device tool returns at most 8 files: keep the ones read first, archive the rest into logs.tar.gz.
+KEEP=(summary.txt session.log env.txt check.log ptxas.txt)
+pack_outputs() {
+  local json md keep=("${KEEP[@]}") rest=() f k
+  json=$(cd "$OUT" && ls -t results/gpu_*.json 2>/dev/null | head -1)
+  md=$(cd "$OUT" && ls -t results/gpu_*.md 2>/dev/null | head -1)
+  [ -n "$json" ] && keep+=("$json"); [ -n "$md" ] && keep+=("$md")
+  while IFS= read -r f; do
+    for k in "${keep[@]}"; do [ "$f" = "$k" ] && continue 2; done
+    rest+=("$f")
+  done < <(cd "$OUT" && find . -type f ! -name logs.tar.gz ! -name .session_start | sed 's|^\./||' | sort)
+  [ ${#rest[@]} -eq 0 ] && return
+  if (cd "$OUT" && tar -czf logs.tar.gz "${rest[@]}" && rm -f "${rest[@]}"); then
+    echo "archived ${#rest[@]} more files into logs.tar.gz: ${rest[*]}"
+  else
+    echo "could not archive ${rest[*]}; the device tool may leave some out"
+  fi
 }
 
 main() {

@@ -22,6 +22,13 @@ from cmpq_kernels import reference
 from cmpq_kernels.format import SEGMENT_BITS, CMPQLayer
 from cmpq_kernels.mixllm_format import MixLLMLayer, groups_of
 
+try:  # the emulated kernels (torch.ops.cmpq_emu); a GPU session builds without them (setup.py CMPQ_BUILD_EMU=0)
+    import cmpq_kernels._C_emu  # noqa: F401
+    HAS_EMU = True
+except ImportError:
+    HAS_EMU = False
+needs_emu = pytest.mark.skipif(not HAS_EMU, reason="built without the emulated kernels (CMPQ_BUILD_EMU=0)")
+
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 # Per activation dtype: (norm-relative tolerance, unit roundoff of the output dtype).

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import types
 from pathlib import Path
@@ -328,6 +329,20 @@ def test_gpu_session_script_check_phase_on_cpu(tmp_path):
     log = (tmp_path / "check.log").read_text()
     assert "check: 20 passed, 0 failed" in log and "FAIL" not in log.replace("0 failed", "")
     assert "check" in (tmp_path / "summary.txt").read_text() and (tmp_path / "session.log").exists()
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) <= 8, files  # the device tool returns at most 8 files
+    with tarfile.open(tmp_path / "logs.tar.gz") as archive:  # the rest is archived, not lost
+        assert "gpu_check.py" in archive.getnames()
+
+
+def test_priority_lists_what_a_short_session_measures_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(bg.Runner, "run", lambda self: None)  # the lists only: no layer is built or timed
+    assert bg.main(TINY[:2] + ["--priority", "--copy-mb", "1", "--flush-mb", "1", "--out", str(tmp_path / "p")]) == 0
+    meta = strict_json(tmp_path / "p.json")["meta"]
+    assert meta["priority"] and meta["shapes"] == ["8192x28672", "4096x4096", "28672x8192"]
+    assert meta["batches"] == [1, 4, 16, 64, 512] and meta["bits"] == [2.5, 3.0, 4.0]
+    with pytest.raises(SystemExit, match="--quick and --priority"):
+        bg.main(TINY + ["--quick", "--priority"])
 
 
 def test_internal_error_and_sigterm_still_write_partial_results(tmp_path, monkeypatch):

@@ -24,11 +24,10 @@ import pytest
 import torch
 
 import cmpq_kernels
-import cmpq_kernels._C_emu  # noqa: F401  (registers torch.ops.cmpq_emu)
 from cmpq_kernels import reference
 from cmpq_kernels.format import CMPQLayer
 
-from conftest import assert_matches_reference, make_layer, random_x
+from conftest import assert_matches_reference, make_layer, needs_emu, random_x
 
 GEMV_MAX_M, GEMM_MAX_M = 8, 128
 SCHEDULES = ("forward", "reverse", "random", "warp-forward", "warp-reverse", "warp-random")
@@ -46,7 +45,7 @@ def run_emulated(schedule: str, seed: int = 7) -> None:
     torch.ops.cmpq_emu.set_hazard_check(True)
 
 
-@pytest.fixture(params=[*(f"emu-{s}" for s in SCHEDULES), CUDA])
+@pytest.fixture(params=[*(pytest.param(f"emu-{s}", marks=needs_emu) for s in SCHEDULES), CUDA])
 def backend(request):
     """Yields "cuda" or "emu"; an emu-<schedule> parameter sets the schedule and checks hazards (off after)."""
     if request.param == "cuda":
@@ -164,6 +163,7 @@ def test_dense_outliers_codebook_rows_and_bias(m, backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [3, 40])
+@needs_emu
 def test_schedules_give_identical_bits(m, dtype):
     """Each thread sums in a fixed order whatever the fiber order, so results are bit-identical."""
     layer = make_layer(50, 128, outlier_density=0.05, seed=5)
@@ -207,18 +207,22 @@ def test_dequantize_matches_reference(dtype, pattern, backend):
     assert torch.equal(w, reference.dequantize(layer, torch.float64).to(dtype))
 
 
-@pytest.mark.parametrize("backend", ["emu-forward", CUDA], indirect=True)
+@pytest.mark.parametrize("backend", [pytest.param("emu-forward", marks=needs_emu), CUDA], indirect=True)
 def test_bad_inputs(backend):
     layer = make_layer(8, 64, seed=1)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         emu_gemm(random_x(2, 64, torch.float32), layer, backend=backend)
     with pytest.raises(ValueError, match="features but the layer has k=64"):
         emu_gemm(random_x(2, 96, torch.float16), layer, backend=backend)
+    device = "cuda" if backend == "cuda" else "cpu"
+    op = torch.ops.cmpq.gemm if backend == "cuda" else torch.ops.cmpq_emu.gemm
+    layer = layer.to(device)
     with pytest.raises(ValueError, match="format_version"):
-        torch.ops.cmpq_emu.gemm(random_x(1, 64, torch.float16), layer.perm, *layer.codes, *layer.codebooks,
-                                layer.row_ptr, layer.col, layer.val, None, 1, 2)
-    with pytest.raises(ValueError, match="order must be"):
-        torch.ops.cmpq_emu.set_schedule("sideways", 0)
+        op(random_x(1, 64, torch.float16).to(device), layer.perm, *layer.codes, *layer.codebooks, layer.row_ptr,
+           layer.col, layer.val, None, 1, 2)
+    if backend == "emu":
+        with pytest.raises(ValueError, match="order must be"):
+            torch.ops.cmpq_emu.set_schedule("sideways", 0)
 
 
 # ---- real GPU only: large shapes, CUDA graphs, torch.compile ------------------------------------------------

@@ -22,12 +22,11 @@ import pytest
 import torch
 
 import cmpq_kernels
-import cmpq_kernels._C_emu  # noqa: F401  (registers torch.ops.cmpq_emu)
 from cmpq_kernels import mixllm_reference as ref
 from cmpq_kernels.mixllm_format import MixLLMLayer, groups_of
 from cmpq_kernels.quantize.mixllm import quantize_mixllm_weight
 
-from conftest import make_mixllm_layer
+from conftest import make_mixllm_layer, needs_emu
 from emu_build import CSRC, compile_emu
 from test_mixllm_gemm import BAD_OP_INPUTS, activation_cases, fp32_bound
 
@@ -37,7 +36,7 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CU
 UNIT = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
-@pytest.fixture(params=[*(f"emu-{s}" for s in SCHEDULES), CUDA])
+@pytest.fixture(params=[*(pytest.param(f"emu-{s}", marks=needs_emu) for s in SCHEDULES), CUDA])
 def backend(request):
     """"cuda" or "emu"; an emu-<schedule> parameter sets the schedule and checks hazards (off after)."""
     if request.param == "cuda":
@@ -138,6 +137,7 @@ def test_nan_and_inf_stay_in_their_rows(backend):
     assert torch.equal(torch.isnan(y), torch.isnan(torch.ops.cmpq.mixllm_gemm(x, *layer.fields().values(), None, 8, 1)))
 
 
+@needs_emu
 @pytest.mark.parametrize("n,k,n8", [(9, 576, 4), (24, 256, 0)], ids=lambda v: str(v))
 def test_power_of_two_scales_are_bit_exact(n, k, n8):
     """With power-of-two scales every product and sum is exact: the integer path and the magic-number conversion
@@ -150,6 +150,7 @@ def test_power_of_two_scales_are_bit_exact(n, k, n8):
     assert torch.equal(gemm("emu", x, layer), ref.linear(x, layer))
 
 
+@needs_emu
 def test_schedules_give_identical_bits():
     """Each output element is summed by one lane in a fixed order whatever the fiber order."""
     layer = make_mixllm_layer(70, 160, 40, bias=torch.float32, seed=5)
@@ -174,6 +175,7 @@ def test_dequantize_and_weight_only_mode(dtype, backend):
     assert_matches(gemm(backend, x, layer, bias=layer.bias, act_bits=16), x, layer, bias=layer.bias, act_bits=16)
 
 
+@needs_emu
 def test_misaligned_weight_views_are_handled():
     """q8/q4 viewed at an odd byte offset (the kernels' vector loads need alignment): same result."""
     torch.ops.cmpq_emu.set_schedule("forward", 0)
@@ -186,6 +188,7 @@ def test_misaligned_weight_views_are_handled():
     assert torch.equal(gemm("emu", x, shifted), gemm("emu", x, layer))
 
 
+@needs_emu
 @pytest.mark.parametrize("case", BAD_OP_INPUTS)
 def test_bad_inputs_raise_like_the_cpu_op(case):
     layer = make_mixllm_layer(12, 576, 2, seed=1)
@@ -198,6 +201,7 @@ def test_bad_inputs_raise_like_the_cpu_op(case):
     assert str(emu.value).splitlines()[0] == str(cpu.value).splitlines()[0]
 
 
+@needs_emu
 def test_bad_quantizer_and_dequantizer_inputs_raise_like_the_cpu_op():
     layer = make_mixllm_layer(12, 256, 2, seed=1)
     fields = tuple(layer.fields().values())

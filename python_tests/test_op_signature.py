@@ -4,15 +4,16 @@ import pytest
 import torch
 
 import cmpq_kernels  # noqa: F401  (registers torch.ops.cmpq)
-import cmpq_kernels._C_emu  # noqa: F401  (registers torch.ops.cmpq_emu)
 from cmpq_kernels.format import LAYER_FIELDS
+
+from conftest import needs_emu
 
 
 def test_layer_fields_is_the_python_field_order():
     assert tuple(torch.ops.cmpq.layer_fields()) == LAYER_FIELDS
 
 
-@pytest.mark.parametrize("namespace", ["cmpq", "cmpq_emu"])
+@pytest.mark.parametrize("namespace", ["cmpq", pytest.param("cmpq_emu", marks=needs_emu)])
 def test_layer_op_schemas(namespace):
     layer = ", ".join(f"Tensor {name}" for name in torch.ops.cmpq.layer_fields())
     ops = getattr(torch.ops, namespace)
