@@ -37,6 +37,15 @@ What it does
      The constants are read from the ``.cu`` files and template arguments from the symbol names. The
      weight-load bytes on the path must equal weights · b / 8, which cross-checks both.
 
+MixLLM (``mixllm_gemm.cu``, ``mixllm<T, NT=tiles>``): the int8 tensor-core GEMM has one loop over 128-wide
+groups per part (8-bit rows, 4-bit rows), with the group's four MMA steps unrolled inside. Its steady state is the
+cheapest path through one group iteration that passes every block holding an IMMA (a full group: the partial last
+group exits early). A loop is the 4-bit one when it loads 32-bit words (a 4-bit row's 8 codes per lane and step);
+the 8-bit one loads 64-bit words only. Weights per iteration per thread: kWarpRows · kGroup / kWarpSize (16 rows ×
+128 columns per warp) per group; the IMMA count (kGroup / kStepK · NT per group: ptxas may unroll the group loop,
+so an iteration can hold several groups) and the weight-load bytes cross-check the path.
+Predictions mix the two parts at ``MIXLLM_EIGHT_BIT_SHARE`` of the rows (the quantizer's default p = 10 %).
+
 Per kernel it reports registers, shared memory (static plus the most dynamic shared memory a launch requests:
 the GEMV's pair tables, ``kTablesBytes``), blocks per SM (occupancy from the published compute capability 9.0
 limits), and per width and weight: issued instructions by class, shared-memory
@@ -113,7 +122,8 @@ BLIND_SPOTS = (
     "and cost no HBM traffic. Work outside the steady-state loop: codebook tables (the GEMV fills 16-row pair "
     "tables once per block: 16 + 4 sixteen-byte stores per thread with 4- and 3-bit segments), the GEMV's "
     "separate gather launch (x[:, perm] to an fp16 workspace), outliers (≈ 0.16 bits per weight of traffic at "
-    "0.5 % density), the reduction and the epilogue.")
+    "0.5 % density), the reduction and the epilogue. MixLLM: the activation quantizer's launch, the scattered "
+    "output stores, IMMA's tensor-pipe time, and the activation codes re-read by every warp (assumed L1/L2 hits).")
 WARP_LANES = 32
 SHARED_WAVEFRONT_BYTES = 128  # 32 banks x 4 B: what shared memory serves per clock per SM
 
@@ -643,6 +653,88 @@ def instances(functions: Iterable[str], family: Family) -> dict[str, Instance]:
     return found
 
 
+# ---- MixLLM (mixllm_gemm.cu) -----------------------------------------------------------------------------------
+
+MIXLLM_SOURCE = "mixllm_gemm.cu"
+MIXLLM_MANGLED = re.compile(r"mixllm_gemm_kernelI(6__half|13__nv_bfloat16|f)Li(\d+)EE")
+MIXLLM_DTYPES = {**DTYPES, "f": "fp32"}
+MIXLLM_WIDTHS = (8, 4)
+MIXLLM_EIGHT_BIT_SHARE = 0.10  # cmpq_kernels/quantize/mixllm.py DEFAULT_P: 10 % of the output rows at 8 bits
+
+
+def mixllm_constants() -> dict[str, int]:
+    return source_constants(CUDA_DIR / MIXLLM_SOURCE, source_constants(REPO / "csrc" / "mixllm_layout.h", {}))
+
+
+def _loads_words(cfg: ControlFlow, loop: Loop) -> bool:
+    """Whether the loop holds 32-bit read-only global loads (a 4-bit row's 8 codes per lane and MMA step)."""
+    return any(ins.root == "LDG" and "CONSTANT" in ins.opcode.split(".") and access_bytes(ins) == 4
+               for b in loop.blocks for ins in cfg.blocks[b].instructions)
+
+
+def analyse_mixllm(function: Function, name: str, tiles: int, constants: dict[str, int]) -> dict[int, dict]:
+    """Per part width (8, 4): the counts per weight of one full-group iteration (see the module docstring)."""
+    cfg = ControlFlow(function)
+    steps = constants["kGroup"] // constants["kStepK"]
+    out = {}
+    for loop in cfg.loops:
+        mma_blocks = [b for b in sorted(loop.blocks) if any(i.root == "IMMA" for i in cfg.blocks[b].instructions)]
+        if not mma_blocks:
+            continue
+        width = 4 if _loads_words(cfg, loop) else 8
+        if width in out:
+            raise PathError(f"{name}: two group loops of the {width}-bit part")
+        counts = iteration_cost(cfg, loop, mma_blocks)
+        # ptxas may unroll the group loop: an iteration then covers several whole groups
+        groups, rest = divmod(counts["mma"], steps * tiles)
+        if groups < 1 or rest:
+            raise PathError(f"{name}: {width}-bit group iteration issues {counts['mma']} IMMA, the source says "
+                            f"{steps} steps x {tiles} token tiles per group")
+        weights = groups * constants["kWarpRows"] * constants["kGroup"] // constants["kWarpSize"]
+        path = [ins for b in mma_blocks for ins in cfg.blocks[b].instructions
+                if ins.root == "LDG" and "CONSTANT" in ins.opcode.split(".")]
+        word_bytes = sum(access_bytes(i) for i in path if access_bytes(i) == 4)
+        wide_bytes = sum(access_bytes(i) for i in path if access_bytes(i) == 8)
+        x_bytes = groups * steps * tiles * 8  # B fragments: 8 activation codes per lane, step and token tile
+        weight_bytes = word_bytes if width == 4 else wide_bytes - x_bytes
+        if weight_bytes * 8 != weights * width or (width == 4 and wide_bytes != x_bytes):
+            raise PathError(f"{name}: {width}-bit path loads {weight_bytes} weight bytes per thread, the source says "
+                            f"{weights} weights per iteration ({weights * width // 8} bytes)")
+        out[width] = {
+            "weights_per_iteration": weights,
+            "instructions_per_iteration": counts["instructions"],
+            "instructions_per_weight": counts["instructions"] / weights,
+            "lds_per_weight": counts["lds"] / weights,
+            "sts_per_weight": counts["sts"] / weights,
+            "shared_wavefronts_per_weight": counts["shared_wavefronts"] / weights,
+            "ldg_bytes_per_weight": counts["ldg_bytes"] / weights,
+            "stg_bytes_per_weight": counts["stg_bytes"] / weights,
+            "weight_bytes_per_warp_iteration": WARP_LANES * weight_bytes,
+            "classes_per_weight": {c: counts[c] / weights for c in CLASSES},
+        }
+    if set(out) != set(MIXLLM_WIDTHS):
+        raise PathError(f"{name}: group loops found for widths {sorted(out)}, expected {MIXLLM_WIDTHS}")
+    return dict(sorted(out.items(), reverse=True))
+
+
+def analyse_mixllm_cubin(functions: dict[str, Function], resources: dict[str, dict]) -> dict[str, dict]:
+    constants = mixllm_constants()
+    result = {}
+    for mangled, function in functions.items():
+        match = MIXLLM_MANGLED.search(mangled)
+        if match is None:
+            continue
+        dtype, tiles = MIXLLM_DTYPES[match.group(1)], int(match.group(2))
+        name = f"mixllm<{dtype},NT={tiles}>"
+        result[name] = {
+            "family": "mixllm", "dtype": dtype, "symbol": mangled, "threads": constants["kThreads"],
+            "rows_per_block": constants["kBlockRows"], "batch_rows": tiles * constants["kTokens"],
+            **resources[mangled], "dynamic_shared_bytes": 0,
+            "widths": {str(w): v for w, v in analyse_mixllm(function, name, tiles, constants).items()},
+        }
+    return result
+
+
 # ---- analysis of one kernel ---------------------------------------------------------------------------------------
 
 BASE = re.compile(r"\[(R\d+)(?:\.64)?(?:\+(0x[0-9a-f]+))?\]")
@@ -756,19 +848,20 @@ def analyse_cubin(cubin: Path) -> dict[str, dict]:
                 "dynamic_shared_bytes": family.dynamic_shared(c),
                 "widths": {str(w): v for w, v in analyse_function(functions[mangled], instance).items()},
             }
+    result.update(analyse_mixllm_cubin(functions, resources))
     return result
 
 
 def analyse_all(archs: Sequence[str], work: Path, jobs: int) -> dict[str, dict[str, dict]]:
     """``{arch: {instance: counts}}`` for every kernel file, one compile per file and arch."""
-    sources = sorted(CUDA_DIR / f.source for f in FAMILIES)
+    sources = sorted([*(CUDA_DIR / f.source for f in FAMILIES), CUDA_DIR / MIXLLM_SOURCE])
     tasks = [(src, arch) for arch in archs for src in sources]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         cubins = list(pool.map(lambda t: compile_cubin(t[0], t[1], work), tasks))
     kernels: dict[str, dict[str, dict]] = {arch: {} for arch in archs}
     for (_, arch), cubin in zip(tasks, cubins):
         kernels[arch].update(analyse_cubin(cubin))
-    rank = {f.name: i for i, f in enumerate(FAMILIES)}
+    rank = {**{f.name: i for i, f in enumerate(FAMILIES)}, "mixllm": len(FAMILIES)}
     return {arch: dict(sorted(per_arch.items(), key=lambda item: (rank[item[1]["family"]], item[1]["dtype"] != "fp16",
                                                                   item[1]["batch_rows"] or 0)))
             for arch, per_arch in kernels.items()}
@@ -840,7 +933,8 @@ def report_rows(kernels: dict[str, dict]) -> list[dict]:
     rows = []
     for kernel in kernels.values():
         m = kernel["batch_rows"]
-        if kernel["dtype"] != "fp16" or (kernel["family"] == "gemv" and m not in GEMV_REPORT_M):
+        if kernel["dtype"] != "fp16" or kernel["family"] == "mixllm" or \
+                (kernel["family"] == "gemv" and m not in GEMV_REPORT_M):
             continue
         for device in DEVICES:
             for n, k in SHAPES:
@@ -848,6 +942,38 @@ def report_rows(kernels: dict[str, dict]) -> list[dict]:
                     rows.append({"kernel": kernel["family"], "device": device.name, "n": n, "k": k, "bits": bits,
                                  "m": m, "label": PREDICTION_LABEL, **predict(kernel, device, n, k, bits)})
     return rows
+
+
+def mixllm_hbm_bytes(width: int, constants: dict[str, int]) -> float:
+    """Stored bytes per weight of a MixLLM row: its codes, an fp16 scale per group and (4-bit) a 4-bit zero."""
+    group = constants["kGroup"]
+    return width / 8 + 2 / group + (0.5 / group if width == 4 else 0)
+
+
+def predict_mixllm(kernel: dict, device: Device, n: int, k: int, share8: float = MIXLLM_EIGHT_BIT_SHARE) -> dict:
+    """One MixLLM row: the two parts' counts mixed at ``share8`` of the rows; issue and HBM bounds (no shared
+    memory), scaled by the block balance like :func:`predict`."""
+    constants = mixllm_constants()
+    mix = {8: share8, 4: 1 - share8}
+    widths = kernel["widths"]
+    instructions = sum(f * widths[str(w)]["instructions_per_weight"] for w, f in mix.items())
+    hbm_bytes = sum(f * mixllm_hbm_bytes(w, constants) for w, f in mix.items())
+    grid = sum(math.ceil(round(n * f) / kernel["rows_per_block"]) for f in mix.values())
+    balance = grid / (device.sms * math.ceil(grid / device.sms))
+    bounds = {"issue": balance * device.issue_rate() / instructions, "hbm": device.hbm_bytes_per_s / hbm_bytes}
+    binding = min(bounds, key=bounds.get)
+    return {"instructions_per_weight": instructions, "lds_per_weight": 0.0, "hbm_bytes_per_weight": hbm_bytes,
+            "grid_blocks": grid, "sm_balance": balance,
+            **{f"{name}_bound_weights_per_s": bound for name, bound in bounds.items()}, "binding_bound": binding,
+            "predicted_hbm_fraction": bounds[binding] / bounds["hbm"], "sm_headroom": bounds["issue"] / bounds["hbm"]}
+
+
+def mixllm_rows(kernels: dict[str, dict]) -> list[dict]:
+    """Rows MixLLM kernel x device x shape (fp16, every NT): the W8/W4 mix at the quantizer's default share."""
+    return [{"kernel": "mixllm", "device": device.name, "n": n, "k": k, "eight_bit_share": MIXLLM_EIGHT_BIT_SHARE,
+             "m": kernel["batch_rows"], "label": PREDICTION_LABEL, **predict_mixllm(kernel, device, n, k)}
+            for kernel in kernels.values() if kernel["family"] == "mixllm" and kernel["dtype"] == "fp16"
+            for device in DEVICES for n, k in SHAPES]
 
 
 def affordable(device: Device, bits: float) -> dict[str, float]:
@@ -904,11 +1030,35 @@ def counts_table(per_arch: dict[str, dict], device: Optional[Device]) -> list[st
     keys = ("instructions_per_weight", "lds_per_weight", "shared_wavefronts_per_weight")
     cells = []
     for name, kernel in per_arch.items():
+        if kernel["family"] == "mixllm":
+            continue  # its own table (mixllm_counts_table): 8- and 4-bit rows, not CMPQ widths
         occupancy = [str(blocks_per_sm(device, kernel["registers"], block_shared_bytes(kernel), kernel["threads"]))] \
             if device else []
         cells.append([name, str(kernel["registers"]), str(block_shared_bytes(kernel)), str(kernel["threads"]),
                       *occupancy, *(f"{kernel['widths'][str(w)][key]:.2f}" for key in keys for w in SEGMENT_BITS)])
     return markdown_table(header, cells)
+
+
+def mixllm_counts_table(per_arch: dict[str, dict], device: Optional[Device]) -> list[str]:
+    header = ["kernel", "regs", "tokens/block", "threads"] + (["blocks/SM"] if device else []) + \
+        [f"{key} {w}-bit" for key in ("instr/w", "LDS/w", "LDG B/w") for w in MIXLLM_WIDTHS]
+    keys = ("instructions_per_weight", "lds_per_weight", "ldg_bytes_per_weight")
+    cells = []
+    for name, kernel in per_arch.items():
+        if kernel["family"] != "mixllm":
+            continue
+        occupancy = [str(blocks_per_sm(device, kernel["registers"], block_shared_bytes(kernel), kernel["threads"]))] \
+            if device else []
+        cells.append([name, str(kernel["registers"]), str(kernel["batch_rows"]), str(kernel["threads"]), *occupancy,
+                      *(f"{kernel['widths'][str(w)][key]:.2f}" for key in keys for w in MIXLLM_WIDTHS)])
+    return markdown_table(header, cells)
+
+
+def mixllm_prediction_table(rows: list[dict], device: Device) -> list[str]:
+    header = ["m (tokens/block)", "n × k", "instr/w", "HBM B/w", "predicted fraction (bound)"]
+    cells = [[str(r["m"]), f"{r['n']}×{r['k']}", f"{r['instructions_per_weight']:.2f}",
+              f"{r['hbm_bytes_per_weight']:.3f}", cell(r)] for r in rows if r["device"] == device.name]
+    return markdown_table(header, cells, text_columns=(1,))
 
 
 def cell(row: dict) -> str:
@@ -971,6 +1121,17 @@ def markdown(doc: dict) -> str:
                 "SM-side bound is h times the HBM bound). Last column: weight bytes in flight per SM at 3 bits, and "
                 "the DRAM latency they would cover at full bandwidth.", "",
                 *prediction_table(rows, device), ""]
+    for arch, per_arch in kernels.items():
+        device = DEVICES[0] if arch == PREDICTION_ARCH else None
+        out += [f"## MixLLM (`mixllm_gemm.cu`): static counts per weight, {arch}", "",
+                "Per stored weight of one full 128-wide group, all tokens of a block together (tokens/block = "
+                "8 · NT); LDG bytes include the activation codes and the scales.", "",
+                *mixllm_counts_table(per_arch, device), ""]
+    for device in DEVICES:
+        out += [f"## MixLLM on the {device.name}: predicted fraction of HBM bandwidth (fp16; {PREDICTION_LABEL})", "",
+                f"{MIXLLM_EIGHT_BIT_SHARE:.0%} of the rows at 8 bits (the quantizer's default), the rest at 4; HBM "
+                "bytes per weight = codes + fp16 scale per group (+ 4-bit zero). Issue and HBM bounds only.", "",
+                *mixllm_prediction_table(doc["mixllm_rows"], device), ""]
     out += ["## What the static model cannot see", "", doc["blind_spots"], ""]
     return "\n".join(out)
 
@@ -1007,7 +1168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc = {"label": PREDICTION_LABEL, "toolchain": toolchain(), "nvcc_flags": list(NVCC_FLAGS),
            "devices": [vars(d) for d in DEVICES], "blind_spots": BLIND_SPOTS,
            "rows_content": ROWS_CONTENT,
-           "kernels": kernels, "rows": report_rows(kernels[PREDICTION_ARCH])}
+           "kernels": kernels, "rows": report_rows(kernels[PREDICTION_ARCH]),
+           "mixllm_rows": mixllm_rows(kernels[PREDICTION_ARCH])}
     write_json_and_markdown(rounded(doc), markdown(doc), args.out)
     print(f"wrote {args.out}.json / .md ({len(doc['rows'])} rows; {PREDICTION_LABEL})")
     for name, kernel in kernels[PREDICTION_ARCH].items():

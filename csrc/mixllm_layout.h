@@ -1,6 +1,7 @@
 // mixllm_layout.h — the MixLLM packed layout and arithmetic constants, written once (docs/DESIGN.md §9).
 //
-// Plain C++17, no torch: the CPU kernels (csrc/cpu/mixllm_*.cpp) and the bindings (mixllm_ops.cpp) include it,
+// Plain C++17, no torch: the CPU kernels (csrc/cpu/mixllm_*.cpp), the CUDA kernels (csrc/cuda/mixllm_gemm.cu: the
+// CMPQ_HD helpers compile as device code too) and the bindings (mixllm_view.h) include it,
 // and cmpq_kernels/mixllm_format.py mirrors it (tests unpack Python-packed nibbles through
 // torch.ops.cmpq.mixllm_unpack_nibbles).
 //
@@ -30,15 +31,15 @@ constexpr int kGroup = 128;   // input channels per weight and activation scale
 constexpr int kKAlign = 32;   // K must be a multiple of this: the narrowest partial group
 constexpr int kActMax = 127;  // symmetric int8 range of codes and activations: [-127, 127]
 
-inline int64_t groups_of(int64_t k) { return (k + kGroup - 1) / kGroup; }
-inline int group_width(int64_t k, int g) {
+CMPQ_HD int64_t groups_of(int64_t k) { return (k + kGroup - 1) / kGroup; }
+CMPQ_HD int group_width(int64_t k, int g) {
   const int64_t left = k - static_cast<int64_t>(g) * kGroup;
   return static_cast<int>(left < kGroup ? left : kGroup);
 }
-inline int64_t nibble_bytes(int64_t count) { return (count + 1) / 2; }
+CMPQ_HD int64_t nibble_bytes(int64_t count) { return (count + 1) / 2; }
 
 // Element i of a nibble-packed array (q4 along K, z4 along the groups).
-inline int nibble(const uint8_t* packed, int64_t i) { return (packed[i >> 1] >> ((i & 1) * 4)) & 15; }
+CMPQ_HD int nibble(const uint8_t* packed, int64_t i) { return (packed[i >> 1] >> ((i & 1) * 4)) & 15; }
 
 // float -> IEEE binary16 bits, round to nearest even (subnormals, overflow to inf, NaN kept NaN): the rounding
 // torch's .to(torch.float16) does, which the activation scale rule fp16(absmax / 127) needs on every path.
@@ -55,7 +56,7 @@ inline uint16_t float_to_half_bits(float f) {
   return static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13));
 }
 
-// The packed layer as raw pointers (checked by the bindings). Stored row r < n8 is 8-bit row r, else 4-bit row
+// The packed layer as raw pointers (checked by the bindings); passed by value to the CUDA kernels. Stored row r < n8 is 8-bit row r, else 4-bit row
 // r - n8; its output row is row_index(r).
 struct View {
   int n = 0, k = 0, n8 = 0, groups = 0;
@@ -67,13 +68,13 @@ struct View {
   const uint16_t* s4 = nullptr;
   const uint8_t* z4 = nullptr;
 
-  int row_index(int r) const { return r < n8 ? idx8[r] : idx4[r - n8]; }
-  const uint16_t* scales(int r) const {
+  CMPQ_HD int row_index(int r) const { return r < n8 ? idx8[r] : idx4[r - n8]; }
+  CMPQ_HD const uint16_t* scales(int r) const {
     return r < n8 ? s8 + static_cast<int64_t>(r) * groups : s4 + static_cast<int64_t>(r - n8) * groups;
   }
-  const int8_t* codes8(int r) const { return q8 + static_cast<int64_t>(r) * k; }
-  const uint8_t* codes4(int r) const { return q4 + static_cast<int64_t>(r - n8) * (k / 2); }
-  const uint8_t* zeros4(int r) const { return z4 + static_cast<int64_t>(r - n8) * nibble_bytes(groups); }
+  CMPQ_HD const int8_t* codes8(int r) const { return q8 + static_cast<int64_t>(r) * k; }
+  CMPQ_HD const uint8_t* codes4(int r) const { return q4 + static_cast<int64_t>(r - n8) * (k / 2); }
+  CMPQ_HD const uint8_t* zeros4(int r) const { return z4 + static_cast<int64_t>(r - n8) * nibble_bytes(groups); }
 };
 
 }  // namespace mixllm

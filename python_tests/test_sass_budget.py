@@ -263,3 +263,22 @@ def test_gemv_kernel_counts(tools, tmp_path):
             # the codes, and each group's 32 fp16 activations (64 bytes) for the lane's 2 rows
             assert counts["ldg_bytes_per_weight"] == pytest.approx(int(width) / 8 + 64 / 64)
             assert counts["weight_bytes_per_warp_iteration"] == 32 * 256 * int(width) // 8
+
+
+def test_mixllm_kernel_counts(tools, tmp_path):
+    """mixllm<T, NT>: one group loop per part; per group a lane owns 64 weights of a 16 x 128 warp tile
+    (64 weights), with one IMMA per step and token tile (4 NT per group), no shared memory, and loads of its codes
+    (8 or 4 bits a weight), 8 activation bytes per step and tile, and the fp16 scales (+ the 4-bit zero byte)."""
+    kernels = sb.analyse_cubin(sb.compile_cubin(sb.CUDA_DIR / "mixllm_gemm.cu", "sm_90a", tmp_path))
+    assert set(kernels) == {f"mixllm<{t},NT={nt}>" for t in ("fp16", "bf16", "fp32") for nt in (1, 2, 4)}
+    for kernel in kernels.values():
+        nt = kernel["batch_rows"] // 8
+        assert (kernel["threads"], kernel["rows_per_block"], kernel["shared_bytes"]) == (128, 64, 0)
+        for width, counts in kernel["widths"].items():
+            groups = counts["weights_per_iteration"] // 64
+            assert groups >= 1 and counts["weights_per_iteration"] == 64 * groups
+            assert counts["classes_per_weight"]["mma"] == pytest.approx(4 * nt / 64)
+            assert counts["lds_per_weight"] == 0 and counts["sts_per_weight"] == 0
+            scales = (2 * 2 + 2 * 2 * nt + (2 if width == "4" else 0)) / 64
+            assert counts["ldg_bytes_per_weight"] == pytest.approx(int(width) / 8 + 4 * nt * 8 / 64 + scales)
+            assert counts["weight_bytes_per_warp_iteration"] == 32 * counts["weights_per_iteration"] * int(width) // 8

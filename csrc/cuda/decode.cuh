@@ -8,7 +8,7 @@
 namespace cmpq {
 namespace cuda {
 
-// Activation / weight-tile element type: __half or __nv_bfloat16.
+// Activation / weight-tile element type: __half or __nv_bfloat16 (and float, below).
 template <class T>
 struct Act;
 template <>
@@ -22,6 +22,12 @@ struct Act<__nv_bfloat16> {
   static CMPQ_DEVICE_INLINE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static CMPQ_DEVICE_INLINE __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
   static CMPQ_DEVICE_INLINE uint32_t bits_from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+// float32 activations: only the MixLLM kernels (mixllm_gemm.cu) take them, and only read and write them.
+template <>
+struct Act<float> {
+  static CMPQ_DEVICE_INLINE float to_float(float v) { return v; }
+  static CMPQ_DEVICE_INLINE float from_float(float v) { return v; }
 };
 
 // One group's BITS words with the widest load its alignment allows (group offsets are BITS words).

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "../cmpq_layout.h"
+#include "../mixllm_layout.h"
 #if defined(__CUDACC__) || defined(CMPQ_EMU)
 #include "compat.cuh"  // kernel sources, and every file of the emulated build
 #else
@@ -17,8 +18,9 @@
 namespace cmpq {
 namespace cuda {
 
-// Activation/output element type; the kernels are instantiated for both.
-enum class ActDtype { kHalf, kBFloat16 };
+// Activation/output element type; the CMPQ kernels are instantiated for the 16-bit types, the MixLLM kernels
+// (whose op accepts float32 x like its CPU twin) for all three.
+enum class ActDtype { kHalf, kBFloat16, kFloat };
 
 enum class Status {
   kOk = 0,
@@ -65,6 +67,28 @@ Status launch_gemm(const LayerView& layer, const void* x, const int32_t* perm, c
 // w[n, k] = W in packed column order (codebook value + outlier residual), rounded once to `dtype`.
 // The large-batch path multiplies it with x[:, perm] through cuBLAS.
 Status launch_decode(const LayerView& layer, void* w, ActDtype dtype, cudaStream_t stream);
+
+// ---- MixLLM (mixllm_gemm.cu; layout in ../mixllm_layout.h, arithmetic in cmpq_kernels/mixllm_reference.py) ----
+
+// Token blocks of the MixLLM GEMM's grid.y: at most 65535 blocks of kMixllmMaxTokenTile tokens.
+constexpr int kMixllmMaxTokenTile = 32;
+constexpr int64_t kMixllmMaxM = 65535LL * kMixllmMaxTokenTile;
+
+// W*A8 step 1: per token and 128-wide group, scale[i, g] = fp16 bits of fp16(absmax / 127) (0x7e00 when not
+// finite) and q[i, c] = clamp(rint(x / scale), -127, 127) (0 where the scale is 0 or NaN): bit for bit the CPU
+// op's quantizer. x [m, k] of `dtype`, q int8 [m, k] (4-byte aligned), scale [m, G].
+Status launch_mixllm_quantize(const void* x, int m, int k, ActDtype dtype, int8_t* q, uint16_t* scale,
+                              cudaStream_t stream);
+
+// W*A8 step 2: y[i, row_index(r)] = sum_g float(acc_g) * (s_w * s_x) (+ bias) for every stored row r, from the
+// codes of launch_mixllm_quantize; acc_g exact in int32 on tensor cores (mma m16n8k32 s8). y [m, n] of `dtype`,
+// bias [n] float32 or nullptr. q8 must be 8-byte aligned and q4 4-byte aligned (vector loads; the bindings
+// copy a misaligned view). Rows whose row_index is outside [0, n) are skipped, never written out of bounds.
+Status launch_mixllm_gemm(const ::cmpq::mixllm::View& layer, const int8_t* q, const uint16_t* scale,
+                          const float* bias, void* y, int m, ActDtype dtype, cudaStream_t stream);
+
+// W*A16 (and the dequantize op): w[row_index(r), :] = (q - z) * s in float32 [n, k] (exact), output-row order.
+Status launch_mixllm_dequantize(const ::cmpq::mixllm::View& layer, float* w, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace cmpq

@@ -1,5 +1,6 @@
-// ptx.cuh — the inline-PTX instructions the kernels use (mma.sync, ldmatrix, prmt, lop3, ld.shared), plus the
-// cp.async copies the pipelined kernels are built on next, each with a C++ twin for the CPU emulation.
+// ptx.cuh — the inline-PTX instructions the kernels use (mma.sync fp16/bf16 and int8, ldmatrix, prmt, lop3,
+// ld.shared), plus the cp.async copies the pipelined kernels are built on next, each with a C++ twin for the CPU
+// emulation.
 // Everything lives in cmpq::ptx (kernels inside namespace cmpq write ptx::mma_m16n8k16_f16f32(...)).
 //
 // Every helper has three branches: real asm when compiling device code (__CUDA_ARCH__); the emulation under
@@ -92,6 +93,67 @@ CMPQ_DEVICE_INLINE void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], co
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #elif !defined(__CUDACC__)
   emu_ptx::mma_m16n8k16<true>(d, a, b, c);
+#else
+  (void)d, (void)a, (void)b, (void)c;
+#endif
+}
+
+// ---- integer tensor cores: int8 x int8 -> int32 (MixLLM, mixllm_gemm.cu) -----------------------------------
+
+#if !defined(__CUDACC__)
+namespace emu_ptx {
+// Fragment layout of mma.m16n8k32 with .s8 operands (PTX ISA, "Matrix Fragments for mma.m16n8k32"),
+// g = lane >> 2, t = lane & 3, byte 0 of a register = the lowest column (A) or row (B) index:
+//   A 16x32 row-major: a0 = A[g][4t..4t+3], a1 = A[g+8][4t..4t+3], a2 = A[g][16+4t..], a3 = A[g+8][16+4t..]
+//   B 32x8 (K x N):    b0 = B[4t..4t+3][g], b1 = B[16+4t..16+4t+3][g]
+//   C/D 16x8 s32:      c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1]
+// Integer products and sums are exact (no .satfinite: the sum wraps mod 2^32, which the kernels never reach),
+// so unlike the fp16 twin this one is bit-exact: D = C + A * B in int32.
+struct MmaS8In { uint32_t a[4], b[2]; int32_t c[4]; };
+struct MmaS8Out { int32_t d[4]; };
+inline int32_t s8_byte(uint32_t word, int i) { return static_cast<int8_t>(static_cast<uint8_t>(word >> (8 * i))); }
+inline void mma_m16n8k32_s8(int32_t d[4], const uint32_t a[4], const uint32_t b[2], const int32_t c[4]) {
+  const MmaS8In mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  const MmaS8Out out = emu::warp_collective<MmaS8In, MmaS8Out>(0xffffffffu, mine, [](const MmaS8In* in, MmaS8Out* o) {
+    int32_t A[16][32], B[32][8];
+    uint32_t C[16][8];  // unsigned: the wrap-around of s32 addition without undefined behaviour
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, t = l & 3;
+      for (int i = 0; i < 4; ++i) {
+        A[g][4 * t + i] = s8_byte(in[l].a[0], i);
+        A[g + 8][4 * t + i] = s8_byte(in[l].a[1], i);
+        A[g][16 + 4 * t + i] = s8_byte(in[l].a[2], i);
+        A[g + 8][16 + 4 * t + i] = s8_byte(in[l].a[3], i);
+        B[4 * t + i][g] = s8_byte(in[l].b[0], i);
+        B[16 + 4 * t + i][g] = s8_byte(in[l].b[1], i);
+      }
+      C[g][2 * t] = static_cast<uint32_t>(in[l].c[0]), C[g][2 * t + 1] = static_cast<uint32_t>(in[l].c[1]);
+      C[g + 8][2 * t] = static_cast<uint32_t>(in[l].c[2]), C[g + 8][2 * t + 1] = static_cast<uint32_t>(in[l].c[3]);
+    }
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 8; ++j)
+        for (int k = 0; k < 32; ++k) C[i][j] += static_cast<uint32_t>(A[i][k] * B[k][j]);
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, t = l & 3;
+      o[l] = MmaS8Out{{static_cast<int32_t>(C[g][2 * t]), static_cast<int32_t>(C[g][2 * t + 1]),
+                       static_cast<int32_t>(C[g + 8][2 * t]), static_cast<int32_t>(C[g + 8][2 * t + 1])}};
+    }
+  });
+  for (int i = 0; i < 4; ++i) d[i] = out.d[i];
+}
+}  // namespace emu_ptx
+#endif
+
+// D = A * B + C on one 16x8x32 tile of signed bytes, exact int32 accumulate; the whole warp participates
+// (layout above).
+CMPQ_DEVICE_INLINE void mma_m16n8k32_s8s32(int32_t d[4], const uint32_t a[4], const uint32_t b[2], const int32_t c[4]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+#elif !defined(__CUDACC__)
+  emu_ptx::mma_m16n8k32_s8(d, a, b, c);
 #else
   (void)d, (void)a, (void)b, (void)c;
 #endif

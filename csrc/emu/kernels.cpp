@@ -5,3 +5,4 @@
 #include "cuda/dequant.cu"
 #include "cuda/gemm_tc.cu"
 #include "cuda/gemv.cu"
+#include "cuda/mixllm_gemm.cu"

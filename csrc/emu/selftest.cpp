@@ -297,6 +297,26 @@ __global__ void mma_kernel(const uint16_t* A, const uint16_t* B, const float* C,
   D2[g * 8 + 2 * t] = d[0], D2[g * 8 + 2 * t + 1] = d[1], D2[(g + 8) * 8 + 2 * t] = d[2], D2[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
+// One warp: int8 fragments gathered from global memory in the documented m16n8k32 layout. kLaneSwap is the
+// mutant the test must catch: lanes t and t ^ 1 of each quad exchange their A columns (a plausible slip when
+// writing the map), which an exact-integer comparison has to reject.
+template <bool kLaneSwap>
+__global__ void mma_s8_kernel(const int8_t* A, const int8_t* B, const int32_t* C, int32_t* D) {
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3, ta = kLaneSwap ? t ^ 1 : t;
+  auto bytes = [](const int8_t* p, int stride) {
+    uint32_t w = 0;
+    for (int i = 0; i < 4; ++i) w |= static_cast<uint32_t>(static_cast<uint8_t>(p[i * stride])) << (8 * i);
+    return w;
+  };
+  const uint32_t a[4] = {bytes(&A[g * 32 + 4 * ta], 1), bytes(&A[(g + 8) * 32 + 4 * ta], 1),
+                         bytes(&A[g * 32 + 16 + 4 * ta], 1), bytes(&A[(g + 8) * 32 + 16 + 4 * ta], 1)};
+  const uint32_t b[2] = {bytes(&B[(4 * t) * 8 + g], 8), bytes(&B[(16 + 4 * t) * 8 + g], 8)};
+  const int32_t c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+  int32_t d[4];
+  cmpq::ptx::mma_m16n8k32_s8s32(d, a, b, c);
+  D[g * 8 + 2 * t] = d[0], D[g * 8 + 2 * t + 1] = d[1], D[(g + 8) * 8 + 2 * t] = d[2], D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
 // Every lane points at a scrambled 16-byte row of a 64x16 b16 tile.
 __device__ int ld_row(int lane) { return (lane * 13 + 5) % 64; }
 __global__ void ldmatrix_kernel(uint32_t* out, bool misaligned) {
@@ -707,6 +727,38 @@ void check_mma() {
     }
 }
 
+// The int8 twin is exact: D must equal C + A B bit for bit, over the full int8 range (extremes included), and
+// the lane-swapped mutant must not.
+void check_mma_s8() {
+  std::mt19937 rng(6);
+  std::uniform_int_distribution<int> code(-128, 127), init(-1000000, 1000000);
+  std::vector<int8_t> A(16 * 32), B(32 * 8);
+  std::vector<int32_t> C(128), D(128), M(128), ref(128);
+  for (auto& v : A) v = static_cast<int8_t>(code(rng));
+  for (auto& v : B) v = static_cast<int8_t>(code(rng));
+  for (auto& v : C) v = init(rng);
+  A[0] = -128, B[0] = -128, A[1] = 127, B[8] = 127;  // the extreme products
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      int32_t r = C[i * 8 + j];
+      for (int k = 0; k < 32; ++k) r += static_cast<int32_t>(A[i * 32 + k]) * B[k * 8 + j];
+      ref[i * 8 + j] = r;
+    }
+  const int8_t *pa = A.data(), *pb = B.data();
+  const int32_t* pc = C.data();
+  int32_t *pd = D.data(), *pm = M.data();
+  auto* kernel = mma_s8_kernel<false>;
+  CMPQ_LAUNCH(kernel, dim3(1), dim3(32), 0, nullptr, pa, pb, pc, pd);
+  auto* mutant = mma_s8_kernel<true>;
+  CMPQ_LAUNCH(mutant, dim3(1), dim3(32), 0, nullptr, pa, pb, pc, pm);
+  int mutant_diffs = 0;
+  for (int i = 0; i < 128; ++i) {
+    CHECK(D[i] == ref[i], "s8 mma D[%d][%d] = %d, reference %d", i / 8, i % 8, D[i], ref[i]);
+    mutant_diffs += M[i] != ref[i];
+  }
+  CHECK(mutant_diffs >= 120, "the lane-swapped mutant must differ almost everywhere, differs in %d of 128", mutant_diffs);
+}
+
 void test_ldmatrix() {
   std::vector<uint32_t> out(128, 0xdeadbeefu);
   uint32_t* p = out.data();
@@ -901,7 +953,8 @@ int main() {
       {"missing_sync", test_missing_sync}, {"errors", test_errors},
       {"shuffles", test_shuffles_and_votes}, {"bits", test_bits},
       {"half", test_half},               {"mma_f16", check_mma<false>},
-      {"mma_bf16", check_mma<true>},     {"ldmatrix", test_ldmatrix},
+      {"mma_bf16", check_mma<true>},     {"mma_s8", check_mma_s8},
+      {"ldmatrix", test_ldmatrix},
       {"cp_async", test_cp_async},       {"warp_serial", test_warp_serial},
       {"hazards", test_hazards},         {"concurrent", test_concurrent_hosts},
       {"timing", report_timing}};
