@@ -105,16 +105,16 @@ def test_segment_mixes(seg_k, m, backend):
 @pytest.mark.parametrize("m", [1, 4, 24])
 def test_awkward_shapes(n, k, m, backend):
     """n around the 16-row tiles; k spanning whole and partial iterations (512 columns for the GEMV and the
-    GEMM at m <= 16, 128 columns for the GEMM above)."""
+    GEMM at m <= 16, 256 at m <= 32, 128 above)."""
     check(make_layer(n, k, outlier_density=0.005, seed=n + k), m, torch.bfloat16, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5, 12, 40])
+@pytest.mark.parametrize("m", [1, 5, 12, 24, 40])
 def test_long_segments(m, dtype, backend):
-    """Segments of 8-9 whole iterations of 16 groups (GEMV, GEMM at m <= 16; 4 groups for the GEMM above)
-    plus a partial one: every warp of a block runs several iterations of each segment (its pointers step
-    over the other warps' iterations)."""
+    """Segments of 8-9 whole iterations of 16 groups (GEMV, GEMM at m <= 16; 8 groups at m <= 32, 4 above)
+    plus a partial one, or more: every warp of a block runs several iterations of each segment (its
+    pointers step over the other warps' iterations)."""
     layer = make_layer(20, 4608 + 4128 + 4160, (4608, 4128, 4160), outlier_density=0.002, seed=m)
     check(layer, m, dtype, seed=m, backend=backend)
 

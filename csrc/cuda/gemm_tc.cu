@@ -22,8 +22,8 @@
 // reads of W meet in L2, each decoding W again. MT = 8 would need more than 255 registers and spill.
 //
 // PREDICTION (static SASS counts, sm_90a, bench/results/sass_budget.md; not a measurement): 1.46 / 2.14 /
-// 1.64 issued instructions per weight at 4 / 3 / 2 bits for MT = 1 (the GEMV: 1.27 / 1.96 / 1.47), 2.05 /
-// 2.72 / 2.20 for MT = 2, 2.80 / 3.45 / 3.00 for MT = 4; 0.5 / 0.5 / 0 LDS per weight throughout. Not in
+// 1.64 issued instructions per weight at 4 / 3 / 2 bits for MT = 1 (the GEMV: 1.27 / 1.96 / 1.47), 1.90 /
+// 2.61 / 2.11 for MT = 2, 2.80 / 3.45 / 3.00 for MT = 4; 0.5 / 0.5 / 0 LDS per weight throughout. Not in
 // those counts: the gather launch, the table fill, the epilogue, and L2 traffic: each block reads its batch
 // tile's kBatchRows * k * 2 bytes of workspace, 16 * MT / bits times the weight bytes of its 16 rows.
 //
@@ -42,7 +42,7 @@ using namespace tile;
 // Instantiated for MT = 1, 2, 4 (launch_typed: 16, 32, 64 batch rows per block) and fp16 / bf16 outputs.
 template <class T,   // __half or __nv_bfloat16 (activations and output)
           int MT>    // m16 batch tiles per block: the block covers 16 * MT batch rows
-__global__ void __launch_bounds__(kThreads, MT <= 2 ? 2 : 1)  // see kLaneGroups
+__global__ void __launch_bounds__(kThreads, MT == 1 ? 2 : 1)  // see kLaneGroups
     cmpq_gemm_kernel(LayerView layer,                   // packed weights (device pointers)
                      const __half* __restrict__ xw,     // [tiles][k / 32][16 MT][32] x[:, perm] * 2^s, see above
                      const T* __restrict__ x,           // [m, k] original channel order (outliers)
@@ -56,10 +56,12 @@ __global__ void __launch_bounds__(kThreads, MT <= 2 ? 2 : 1)  // see kLaneGroups
   constexpr int kNTiles = kBatchRows / kNTileRows;
   constexpr int kGroupStride = kBatchRows * kGroupVectors;  // vectors from one group's slices to the next
   constexpr int kTileStride = kNTileRows * kGroupVectors;   // from one n8 tile's slice to the next
-  // Groups per lane and row per iteration: 4 for MT = 1, else 1. The words of LG groups, 4 * NT
+  // Groups per lane and row per iteration: 4, 2, 1 for MT = 1, 2, 4. The words of LG groups, 4 * NT
   // accumulators and the activations in flight share the registers: 128 per thread with 2 blocks per SM
-  // (MT <= 2), 255 with 1 (MT = 4, where ptxas' load hoisting takes ~200); more groups would spill.
-  constexpr int kLaneGroups = 1 + 3 * (2 / (MT + 1));
+  // (MT = 1), 255 with 1 (MT = 2: ~180, MT = 4: ~210 with ptxas' load hoisting); more groups would spill.
+  // MT = 2 with 1 group and 2 blocks per SM would keep as many weight bytes in flight per SM, for more
+  // loop overhead per weight.
+  constexpr int kLaneGroups = 4 / MT;
   CMPQ_DYNAMIC_SMEM(unsigned char, smem);
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -82,8 +84,9 @@ __global__ void __launch_bounds__(kThreads, MT <= 2 ? 2 : 1)  // see kLaneGroups
     for (int c = 0; c < 4; ++c) acc[i][c] = 0.f;
   __syncthreads();  // tables written
 
-  // Step 2: this warp's share of K, all n8 tiles.
-  const uint4* x_lane = reinterpret_cast<const uint4*>(xw + static_cast<int64_t>(batch0) * layer.k) + g * kGroupVectors;
+  // Step 2: this warp's share of K, all n8 tiles. The batch tile's workspace starts at row batch0.
+  const __half* x_tile = xw + static_cast<int64_t>(batch0) * layer.k;
+  const uint4* x_lane = reinterpret_cast<const uint4*>(x_tile) + g * kGroupVectors;
   multiply_tile<kNTiles, kLaneGroups, kGroupStride, kTileStride>(
       layer, ptx::shared_address(smem), row_lo, row_hi,
       [&](int group) { return x_lane + static_cast<int64_t>(group) * kGroupStride; }, acc);

@@ -15,8 +15,8 @@
 // weights, B the activations of 8 batch rows (one n8 tile), C 4 registers per lane and n8 tile. K is a
 // dummy index of the mma, so lane t's k slots carry four codes of its own group per step, in whatever order
 // its decode yields them, and the workspace is laid out to match (slot_code). One decoded A fragment feeds
-// the mmas of every n8 tile the kernel carries (NT: 1 for the GEMV, 2, 4 or 8 for the GEMM), so the decode cost
-// per weight does not grow with m; each further n8 tile costs one HMMA per k-step and one 16-byte
+// the mmas of every n8 tile the kernel carries (NT: 1 for the GEMV, 2, 4 or 8 for the GEMM), so the decode
+// cost per weight does not grow with m; each further n8 tile costs one HMMA per k-step and one 16-byte
 // activation load per two k-steps.
 //
 // Decode to the A fragment (fp16 pairs):
@@ -28,7 +28,7 @@
 //          selectors of them (x * 0x220022 + 0x101000001010), two PRMTs: ~4.75 instructions per 4 weights.
 // Pair tables hold one copy per lane ([entry][row g, row g + 8][lane] words), so the 32 lanes of a lookup
 // read 32 different banks whatever their codes: no bank conflicts, for 80 KB of shared memory per block
-// when the layer has 4-bit and 3-bit segments (16 KB with 3-bit only, 4 KB otherwise).
+// when the layer has 4-bit and 3-bit segments (16 KB with 3-bit only, none otherwise; tables_bytes).
 // The block fills them once (each 16-byte store writes one entry for the four lanes that look it up).
 //
 // Products are taken in fp16 whatever the activation type: the fp16 codebook values stay exact, and so are
