@@ -4,7 +4,7 @@ SASS counts, not a measurement**.
 
 What it does
   1. Compiles each kernel file of ``csrc/cuda`` once per target (``nvcc -cubin``, sm_90a and sm_80, the flags of
-     the CI compile check). One cubin holds every instantiation: gemv m = 1..8, gemm MT = 1, 2, 4, 8 and
+     the CI compile check). One cubin holds every instantiation: gemv m = 1..8, gemm MT = 1, 2, 4 and
      decode, each for fp16 and bf16.
   2. Disassembles it with ``nvdisasm``, and reads registers and shared memory with ``cuobjdump -res-usage``.
      Neither ships with the toolkit here; the ``nvidia-cuda-nvdisasm`` and ``nvidia-cuda-cuobjdump`` wheels
@@ -15,9 +15,9 @@ What it does
      a run of read-only (``__ldg``: LDG...CONSTANT) global loads from one base register at consecutive offsets
      that together read one packed group, 4·b bytes (``load_group`` in decode.cuh: one 128-bit load for 4-bit,
      one 64-bit load for 2-bit, three 32-bit loads for 3-bit); a thread may load several groups from one base
-     at immediate offsets. The GEMM and decode kernels are mixed-width through ``with_segment_bits``: one loop
-     whose body branches, per group, to one of three decode bodies, the same loop for every width. The GEMV
-     runs one loop per segment.
+     at immediate offsets. The decode kernel is mixed-width through ``with_segment_bits``: one loop whose body
+     branches, per group, to one of three decode bodies, the same loop for every width. The GEMV and the
+     GEMM (the same K loop, ``tile_decode.cuh``) run one loop per segment.
   5. Counts one iteration of that loop per width: the cheapest path through one iteration (back edges
      removed) that passes every width-b weight load and every staging loop. The cheapest path skips what
      the steady state never runs: rows or groups out of range, the other widths, and the peeled remainder
@@ -31,10 +31,11 @@ What it does
        gemv<T, M>: per iteration a lane decodes kLaneGroups groups of each of its kLaneRows rows (rows g and
          g + 8 of the mma tile), so kLaneGroups · kLaneRows · kGroupCodes weights; x was gathered by a
          separate kernel, so no staging.
-       gemm<T, MT>: per K step the block decodes kBlockN · kBlockK weights with kThreads threads (one group
-         each), so kBlockN · kBlockK / kThreads; it stages kBlockM · kBlockK / kThreads elements of x.
+       gemm<T, MT>: the same, with its own kLaneGroups (4 at MT = 1, else 1) and every decoded fragment
+         feeding 2 · MT n8 batch tiles; x was gathered by the same separate kernel, so no staging.
        decode<T>: one group per thread per iteration, so kGroupCodes weights, and no staging.
-     The constants are read from the ``.cu`` files and template arguments from the symbol names. The
+     The constants are read from the ``.cu`` files (and the local headers they include, first) and template
+     arguments from the symbol names. The
      weight-load bytes on the path must equal weights · b / 8, which cross-checks both.
 
 MixLLM (``mixllm_gemm.cu``, ``mixllm<T, NT=tiles>``): the int8 tensor-core GEMM has one loop over 128-wide
@@ -611,10 +612,11 @@ FAMILIES = (
            batch_rows=lambda c: c["M"], label=lambda c: f"m={c['M']}",
            dynamic_shared=lambda c: c["kTablesBytes"]),
     Family("gemm", "gemm_tc.cu", "cmpq_gemm_kernel",
-           weights_per_thread=lambda c: c["kBlockN"] * c["kBlockK"] // c["kThreads"],
-           staged_per_thread=lambda c: c["kBlockM"] * c["kBlockK"] // c["kThreads"],
-           threads=lambda c: c["kThreads"], rows_per_block=lambda c: c["kBlockN"],
-           batch_rows=lambda c: c["kBlockM"], label=lambda c: f"MT={c['MT']}"),
+           weights_per_thread=lambda c: c["kLaneGroups"] * c["kLaneRows"] * c["kGroupCodes"],
+           staged_per_thread=lambda c: 0,
+           threads=lambda c: c["kThreads"], rows_per_block=lambda c: c["kTileRows"],
+           batch_rows=lambda c: c["kBatchRows"], label=lambda c: f"MT={c['MT']}",
+           dynamic_shared=lambda c: max(c["kTablesBytes"], c["kWarps"] * c["kTileRows"] * c["kBatchRows"] * 4)),
     Family("decode", "dequant.cu", "cmpq_decode_kernel",
            weights_per_thread=lambda c: c["kGroupCodes"], staged_per_thread=lambda c: 0,
            threads=lambda c: c["kDecodeThreads"], rows_per_block=lambda c: c["kDecodeRows"],
@@ -641,6 +643,8 @@ def instances(functions: Iterable[str], family: Family) -> dict[str, Instance]:
     """The family's instantiations among the mangled function names, with their constants."""
     path = CUDA_DIR / family.source
     layout = source_constants(REPO / "csrc" / "cmpq_layout.h", {})
+    for header in re.findall(r'^#include "(\w+\.cuh)"', path.read_text(), re.M):  # shared constants first
+        layout = source_constants(CUDA_DIR / header, layout)
     params = template_parameters(path, family.symbol)
     found = {}
     for name in functions:
@@ -672,6 +676,23 @@ def _loads_words(cfg: ControlFlow, loop: Loop) -> bool:
                for b in loop.blocks for ins in cfg.blocks[b].instructions)
 
 
+def width_counts(counts: dict, weights: int, weight_bytes: int) -> dict:
+    """One width's row of a kernel: ``counts`` per steady-state iteration (one thread) divided by the ``weights``
+    it consumes; ``weight_bytes`` = the thread's weight loads per iteration."""
+    return {
+        "weights_per_iteration": weights,
+        "instructions_per_iteration": counts["instructions"],
+        "instructions_per_weight": counts["instructions"] / weights,
+        "lds_per_weight": counts["lds"] / weights,
+        "sts_per_weight": counts["sts"] / weights,
+        "shared_wavefronts_per_weight": counts["shared_wavefronts"] / weights,
+        "ldg_bytes_per_weight": counts["ldg_bytes"] / weights,
+        "stg_bytes_per_weight": counts["stg_bytes"] / weights,
+        "weight_bytes_per_warp_iteration": WARP_LANES * weight_bytes,
+        "classes_per_weight": {c: counts[c] / weights for c in CLASSES},
+    }
+
+
 def analyse_mixllm(function: Function, name: str, tiles: int, constants: dict[str, int]) -> dict[int, dict]:
     """Per part width (8, 4): the counts per weight of one full-group iteration (see the module docstring)."""
     cfg = ControlFlow(function)
@@ -700,18 +721,7 @@ def analyse_mixllm(function: Function, name: str, tiles: int, constants: dict[st
         if weight_bytes * 8 != weights * width or (width == 4 and wide_bytes != x_bytes):
             raise PathError(f"{name}: {width}-bit path loads {weight_bytes} weight bytes per thread, the source says "
                             f"{weights} weights per iteration ({weights * width // 8} bytes)")
-        out[width] = {
-            "weights_per_iteration": weights,
-            "instructions_per_iteration": counts["instructions"],
-            "instructions_per_weight": counts["instructions"] / weights,
-            "lds_per_weight": counts["lds"] / weights,
-            "sts_per_weight": counts["sts"] / weights,
-            "shared_wavefronts_per_weight": counts["shared_wavefronts"] / weights,
-            "ldg_bytes_per_weight": counts["ldg_bytes"] / weights,
-            "stg_bytes_per_weight": counts["stg_bytes"] / weights,
-            "weight_bytes_per_warp_iteration": WARP_LANES * weight_bytes,
-            "classes_per_weight": {c: counts[c] / weights for c in CLASSES},
-        }
+        out[width] = width_counts(counts, weights, weight_bytes)
     if set(out) != set(MIXLLM_WIDTHS):
         raise PathError(f"{name}: group loops found for widths {sorted(out)}, expected {MIXLLM_WIDTHS}")
     return dict(sorted(out.items(), reverse=True))
@@ -770,8 +780,8 @@ def weight_loads(block: Block) -> list[int]:
 
 def hot_loops(cfg: ControlFlow) -> dict[int, tuple[Loop, list[int]]]:
     """Per width: the innermost loop holding weight loads of that width, and its load blocks in address order.
-    The mixed-width kernels (GEMM, decode) dispatch per group inside one loop, the same for every width; the
-    GEMV runs one loop per segment."""
+    The mixed-width decode kernel dispatches per group inside one loop, the same for every width; the GEMV
+    and the GEMM run one loop per segment."""
     found: dict[int, tuple[Loop, list[int]]] = {}
     for loop in cfg.loops:  # smallest first
         for width in SEGMENT_BITS:
@@ -817,19 +827,7 @@ def analyse_function(function: Function, instance: Instance) -> dict[int, dict]:
         if weight_bytes * 8 != weights * width:
             raise PathError(f"{instance.name}: {width}-bit path loads {weight_bytes} weight bytes per thread, the "
                             f"source says {weights} weights per iteration ({weights * width // 8} bytes)")
-        per_weight = {c: counts[c] / weights for c in CLASSES}
-        out[width] = {
-            "weights_per_iteration": weights,
-            "instructions_per_iteration": counts["instructions"],
-            "instructions_per_weight": counts["instructions"] / weights,
-            "lds_per_weight": counts["lds"] / weights,
-            "sts_per_weight": counts["sts"] / weights,
-            "shared_wavefronts_per_weight": counts["shared_wavefronts"] / weights,
-            "ldg_bytes_per_weight": counts["ldg_bytes"] / weights,
-            "stg_bytes_per_weight": counts["stg_bytes"] / weights,
-            "weight_bytes_per_warp_iteration": WARP_LANES * weight_bytes,
-            "classes_per_weight": per_weight,
-        }
+        out[width] = width_counts(counts, weights, weight_bytes)
     return dict(sorted(out.items(), reverse=True))
 
 
@@ -922,8 +920,9 @@ def predict(kernel: dict, device: Device, n: int, k: int, bits: float) -> dict:
     }
 
 
-ROWS_CONTENT = ("fp16 instantiations compiled for sm_90a; m is the batch rows a block covers (gemm: 16 · MT), "
-                "null for decode (the path for m > 128)")
+ROWS_CONTENT = ("fp16 instantiations compiled for sm_90a; m is the batch rows a block covers (gemm: 16 · MT; "
+                "m = 65..128 runs two 64-row blocks per row tile, twice the MT = 4 counts), null for decode (the "
+                "path for m > 128)")
 
 
 def report_rows(kernels: dict[str, dict]) -> list[dict]:

@@ -55,20 +55,15 @@ inline at::Tensor gpu_gemm(const at::Tensor& x, const at::Tensor& perm, const La
   if (m <= cuda::kGemmMaxM) {
     at::Tensor y = new_output({m, view.n}, x.options());
     const float* bias_ptr = bias_f32.has_value() ? bias_f32->data_ptr<float>() : nullptr;
-    if (m <= cuda::kGemvMaxM) {
-      const at::Tensor x_packed =
-          new_output({cuda::gemv_packed_elements(view, static_cast<int>(m))}, x.options().dtype(at::kHalf));
-      std::optional<at::Tensor> absmax;  // bf16 rows are scaled into fp16 range by a power of two
-      if (x.scalar_type() == at::kBFloat16) absmax = x.abs().amax(1);
-      const cuda::GemvWorkspace workspace{x_packed.data_ptr(), absmax.has_value() ? absmax->data_ptr() : nullptr};
-      check_status(cuda::launch_gemv(view, x.data_ptr(), perm.data_ptr<int32_t>(), bias_ptr, y.data_ptr(),
-                                     static_cast<int>(m), act_dtype(x.scalar_type()), workspace, stream),
-                   "gemv", view, m);
-    } else {
-      check_status(cuda::launch_gemm(view, x.data_ptr(), perm.data_ptr<int32_t>(), bias_ptr, y.data_ptr(),
-                                     static_cast<int>(m), act_dtype(x.scalar_type()), stream),
-                   "gemm", view, m);
-    }
+    const at::Tensor x_packed =
+        new_output({cuda::x_packed_elements(view, static_cast<int>(m))}, x.options().dtype(at::kHalf));
+    std::optional<at::Tensor> absmax;  // bf16 rows are scaled into fp16 range by a power of two
+    if (x.scalar_type() == at::kBFloat16) absmax = x.abs().amax(1);
+    const cuda::XWorkspace workspace{x_packed.data_ptr(), absmax.has_value() ? absmax->data_ptr() : nullptr};
+    const auto launch = m <= cuda::kGemvMaxM ? cuda::launch_gemv : cuda::launch_gemm;
+    check_status(launch(view, x.data_ptr(), perm.data_ptr<int32_t>(), bias_ptr, y.data_ptr(), static_cast<int>(m),
+                        act_dtype(x.scalar_type()), workspace, stream),
+                 m <= cuda::kGemvMaxM ? "gemv" : "gemm", view, m);
     return y;
   }
   const at::Tensor w = gpu_decode_packed(view, x.options(), stream);

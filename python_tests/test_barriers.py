@@ -6,11 +6,11 @@ test of test_gpu_kernels.py named in BARRIERS runs against it in a child process
 (LD_PRELOAD): its kernels and emulation interpose on the same symbols of cmpq_kernels._C_emu, whose torch
 bindings call them. Nothing in the kernel sources knows about mutants.
 
-The test must fail the way BARRIERS says: a shared-memory hazard report naming the kernel and array (the
-child runs with the hazard checker on, as test_gpu_kernels.py always does), or wrong values where the barrier
-orders global memory. WARP_SERIAL_CATCHES then builds two mutants without instrumentation, so the checker is
-blind, and the test must still fail from wrong values under a warp-serial schedule alone — including the
-issue's mutation, which lane-level schedules never expose. The same build without a mutation passes every
+The test must fail the way BARRIERS says: a shared-memory hazard report naming the kernel and the array (or
+dynamic shared memory; the child runs with the hazard checker on, as test_gpu_kernels.py always does), or
+wrong values where the barrier orders global memory. WARP_SERIAL_CATCHES then builds two mutants without
+instrumentation, so the checker is blind, and the test must still fail from wrong values under a warp-serial
+schedule alone — including the issue's mutation, which lane-level schedules never expose. The same build without a mutation passes every
 test used here, so the failures come from the mutations.
 """
 import os
@@ -43,26 +43,21 @@ class Barrier:
     fails_with: str  # regex of that failure
 
 
-def hazard(kernel: str, array: str) -> str:
-    return re.escape(f"shared-memory hazard in cmpq::cuda::{kernel}") + ".*" + re.escape(f"{kernel}::{array} + ")
-
-
 def dynamic_hazard(kernel: str) -> str:
     """A hazard in the kernel's dynamic shared memory (which has no symbol to name)."""
     return re.escape(f"shared-memory hazard in cmpq::cuda::{kernel}") + ".*" + re.escape("dynamic shared memory + ")
 
 
-# m = 17 takes the tensor-core GEMM with two m16 tiles per block.
+# m = 17 takes the tensor-core GEMM with two m16 batch tiles per block (MT = 2).
 GEMM_NODE = "test_every_path_matches_reference[emu-forward-17-dtype0]"
-GEMM_HAZARD = hazard("gemm_detail::cmpq_gemm_kernel<__half, 2>", "smem")
+GEMM_HAZARD = dynamic_hazard("gemm_detail::cmpq_gemm_kernel<__half, 2>")
 BARRIERS = [
-    Barrier("gemm_tc.cu", 1, "the x and w tiles are staged before any warp's ldmatrix reads them", GEMM_NODE,
+    Barrier("gemm_tc.cu", 1, "the tile's pair tables are written before any warp looks them up", GEMM_NODE,
             GEMM_HAZARD),
-    Barrier("gemm_tc.cu", 2, "every warp consumed the tiles before the next step (or the epilogue) overwrites them",
+    Barrier("gemm_tc.cu", 2, "every warp is done with the tables before the partial sums overwrite them",
             GEMM_NODE, GEMM_HAZARD),
-    Barrier("gemm_tc.cu", 3, "the accumulator tile is complete before the outlier pass updates it", GEMM_NODE,
+    Barrier("gemm_tc.cu", 3, "every warp's partial sums are written before the row epilogue adds them", GEMM_NODE,
             GEMM_HAZARD),
-    Barrier("gemm_tc.cu", 4, "the outlier pass is done before the tile is written out", GEMM_NODE, GEMM_HAZARD),
     Barrier("gemv.cu", 1, "the tile's pair tables are written before any warp looks them up",
             "test_every_path_matches_reference[emu-forward-1-dtype0]",
             dynamic_hazard("gemv_detail::cmpq_gemv_kernel<__half, 1>")),
@@ -77,7 +72,7 @@ BARRIERS = [
 ]
 # (file, index) -> a warp-serial test that must fail from wrong values with the hazard checker blind.
 WARP_SERIAL_CATCHES = {
-    ("gemm_tc.cu", 2): "test_every_path_matches_reference[emu-warp-forward-17-dtype0]",
+    ("gemm_tc.cu", 1): "test_every_path_matches_reference[emu-warp-forward-17-dtype0]",
     ("gemv.cu", 1): "test_every_path_matches_reference[emu-warp-forward-1-dtype0]",
 }
 

@@ -11,11 +11,10 @@
 * ``cuda``: ``torch.ops.cmpq.*`` on a real GPU (skipped without one). The caching allocator is filled
   with NaN before each call, so the op's fresh output very likely lands on poisoned memory.
 
-Tolerances (on top of conftest's FP32-accumulation + one output rounding bound): the GEMV multiplies exact
-FP16 codebook values (with bf16 activations scaled into fp16 range by a power of two per row), so it needs
-nothing more; the GEMM and decode paths round decoded weights to the
-activation type first — exact for FP16 codebook values, 2**-8 relative for BF16, and 2**-11 for FP16
-codebook+outlier sums on the decode path. The emulation sums in a different order from a GPU, so GPU
+Tolerances (on top of conftest's FP32-accumulation + one output rounding bound): the GEMV and the GEMM
+multiply exact FP16 codebook values (with bf16 activations scaled into fp16 range by a power of two per
+row), so they need nothing more; the decode path (m > 128) rounds decoded weights to the activation type
+first — 2**-8 relative for BF16 and 2**-11 for FP16 codebook+outlier sums. The emulation sums in a different order from a GPU, so GPU
 results agree with these to the same tolerances, not bit for bit.
 """
 from __future__ import annotations
@@ -29,7 +28,7 @@ from cmpq_kernels.format import CMPQLayer
 
 from conftest import assert_matches_reference, make_layer, needs_emu, random_x
 
-GEMV_MAX_M, GEMM_MAX_M = 8, 128
+GEMM_MAX_M = 128  # m <= 8 takes the GEMV, 9..128 the GEMM, larger m decode + matmul
 SCHEDULES = ("forward", "reverse", "random", "warp-forward", "warp-reverse", "warp-random")
 DTYPES = (torch.float16, torch.bfloat16)
 SEGMENT_MIXES = [(96, 0, 0), (0, 96, 0), (0, 0, 96), (32, 32, 32), (0, 64, 32), (64, 0, 32), (32, 64, 0)]
@@ -76,11 +75,9 @@ def emu_gemm(x: torch.Tensor, layer: CMPQLayer, bias=None, backend: str = "emu")
 
 def weight_round(m: int, dtype: torch.dtype) -> float:
     """Unit roundoff of the decoded weights on the path that batch size m takes (see module doc)."""
-    if m <= GEMV_MAX_M:
+    if m <= GEMM_MAX_M:
         return 0.0
-    if dtype == torch.bfloat16:
-        return 2.0**-8
-    return 0.0 if m <= GEMM_MAX_M else 2.0**-11
+    return 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
 
 
 def check(layer: CMPQLayer, m: int, dtype: torch.dtype, seed: int = 0, backend: str = "emu") -> torch.Tensor:
@@ -107,16 +104,17 @@ def test_segment_mixes(seg_k, m, backend):
 @pytest.mark.parametrize("n,k", [(1, 32), (3, 64), (65, 32), (130, 1088), (200, 2080)])
 @pytest.mark.parametrize("m", [1, 4, 24])
 def test_awkward_shapes(n, k, m, backend):
-    """n around the 16-row GEMV and 64-row GEMM blocks; k spanning whole and partial 512-column GEMV
-    iterations and 64-column GEMM steps."""
+    """n around the 16-row tiles; k spanning whole and partial iterations (512 columns for the GEMV and the
+    GEMM at m <= 16, 256 at m <= 32, 128 above)."""
     check(make_layer(n, k, outlier_density=0.005, seed=n + k), m, torch.bfloat16, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5])
-def test_gemv_long_segments(m, dtype, backend):
-    """Segments of 8-9 whole GEMV iterations (16 groups each) plus a partial one: every warp of a block runs
-    several iterations of each segment (its pointers step over the other warps' iterations)."""
+@pytest.mark.parametrize("m", [1, 5, 12, 24, 40])
+def test_long_segments(m, dtype, backend):
+    """Segments of 8-9 whole iterations of 16 groups (GEMV, GEMM at m <= 16; 8 groups at m <= 32, 4 above)
+    plus a partial one, or more: every warp of a block runs several iterations of each segment (its
+    pointers step over the other warps' iterations)."""
     layer = make_layer(20, 4608 + 4128 + 4160, (4608, 4128, 4160), outlier_density=0.002, seed=m)
     check(layer, m, dtype, seed=m, backend=backend)
 

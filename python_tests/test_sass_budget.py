@@ -282,3 +282,20 @@ def test_mixllm_kernel_counts(tools, tmp_path):
             scales = (2 * 2 + 2 * 2 * nt + (2 if width == "4" else 0)) / 64
             assert counts["ldg_bytes_per_weight"] == pytest.approx(int(width) / 8 + 4 * nt * 8 / 64 + scales)
             assert counts["weight_bytes_per_warp_iteration"] == 32 * counts["weights_per_iteration"] * int(width) // 8
+
+
+def test_gemm_kernel_counts(tools, tmp_path):
+    """gemm<T, MT>: the GEMV's loops, with each decoded fragment feeding 2·MT n8 batch tiles: per iteration a
+    lane decodes 4 / MT groups of 2 rows, one mma per 8 weights and n8 tile, the same pair-table LDS as the
+    GEMV, and 64 bytes of activations per group, row pair and n8 tile."""
+    kernels = sb.analyse_cubin(sb.compile_cubin(sb.CUDA_DIR / "gemm_tc.cu", "sm_90a", tmp_path))
+    assert set(kernels) == {f"gemm<{t},MT={mt}>" for t in ("fp16", "bf16") for mt in (1, 2, 4)}
+    for kernel in kernels.values():
+        tiles = kernel["batch_rows"] // 8
+        assert (kernel["threads"], kernel["rows_per_block"]) == (256, 16)
+        assert kernel["dynamic_shared_bytes"] == 80 * 1024
+        for width, counts in kernel["widths"].items():
+            assert counts["weights_per_iteration"] == 512 // tiles
+            assert counts["classes_per_weight"]["mma"] == pytest.approx(tiles / 8)
+            assert counts["lds_per_weight"] == pytest.approx(0.5 if width != "2" else 0)
+            assert counts["ldg_bytes_per_weight"] == pytest.approx(int(width) / 8 + tiles)

@@ -44,6 +44,19 @@ inline const char* status_message(Status status) {
 constexpr int kGemvMaxM = 8;    // m <= 8: fused GEMV
 constexpr int kGemmMaxM = 128;  // m <= 128: tensor-core GEMM; larger m: decode + cuBLAS
 
+// The fp16 activation workspace both kernels read: x[:, perm] in decode order, written by a gather launch.
+struct XWorkspace {
+  void* x_packed = nullptr;      // x_packed_elements(layer, m) fp16 elements, 16-byte aligned
+  const void* absmax = nullptr;  // bf16 only: [m] max |x| of each row, in `dtype`; unused for fp16
+};
+// The GEMM's batch tiles for m: 16, 32 or 64 rows (whole m16 tiles), as many as m needs.
+inline int gemm_tile_rows(int m) { return m <= 16 ? 16 : m <= 32 ? 32 : 64; }
+inline int gemm_batch_tiles(int m) { return (m + gemm_tile_rows(m) - 1) / gemm_tile_rows(m); }
+inline int64_t x_packed_elements(const LayerView& layer, int m) {
+  const int rows = m <= kGemvMaxM ? m : gemm_tile_rows(m) * gemm_batch_tiles(m);
+  return static_cast<int64_t>(rows) * layer.k;
+}
+
 // y[m, n] = x[m, :] @ W.T (+ bias[n]), for 1 <= m <= kGemvMaxM.
 //   x:    [m, k] in original channel order, dtype `dtype`.
 //   perm: [k] int32.   bias: [n] float32 or nullptr (added in FP32).   y: [m, n] of `dtype`.
@@ -51,18 +64,13 @@ constexpr int kGemmMaxM = 128;  // m <= 128: tensor-core GEMM; larger m: decode 
 // from workspace.absmax), then the fused kernel multiplies it with the fp16 codebook values on tensor
 // cores (exact products, FP32 accumulation), decodes all segments and adds the CSR outliers in FP32. No
 // atomics, so the result is deterministic.
-struct GemvWorkspace {
-  void* x_packed = nullptr;      // gemv_packed_elements(layer, m) fp16 elements, 16-byte aligned
-  const void* absmax = nullptr;  // bf16 only: [m] max |x| of each row, in `dtype`; unused for fp16
-};
-inline int64_t gemv_packed_elements(const LayerView& layer, int m) { return static_cast<int64_t>(m) * layer.k; }
 Status launch_gemv(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
-                   ActDtype dtype, const GemvWorkspace& workspace, cudaStream_t stream);
+                   ActDtype dtype, const XWorkspace& workspace, cudaStream_t stream);
 
-// Same contract as launch_gemv for 1 <= m <= kGemmMaxM, on tensor cores (mma.sync m16n8k16, FP32
-// accumulation); outliers are added in the epilogue in CSR order, so it is deterministic too.
+// Same contract for 1 <= m <= kGemmMaxM: the same gather and decode, each decoded weight fragment feeding
+// the mmas of every n8 batch tile (gemm_tc.cu); deterministic too.
 Status launch_gemm(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
-                   ActDtype dtype, cudaStream_t stream);
+                   ActDtype dtype, const XWorkspace& workspace, cudaStream_t stream);
 
 // w[n, k] = W in packed column order (codebook value + outlier residual), rounded once to `dtype`.
 // The large-batch path multiplies it with x[:, perm] through cuBLAS.

@@ -281,7 +281,7 @@ __global__ void mma_kernel(const uint16_t* A, const uint16_t* B, const float* C,
   else cmpq::ptx::mma_m16n8k16_f16f32(d, a, b, c);
   D[g * 8 + 2 * t] = d[0], D[g * 8 + 2 * t + 1] = d[1], D[(g + 8) * 8 + 2 * t] = d[2], D[(g + 8) * 8 + 2 * t + 1] = d[3];
 
-  // A row-major; B stored as W[n][k] (its transpose), as gemm_tc.cu stages weights, so ldmatrix without
+  // A row-major; B stored as W[n][k] (its transpose), as a GEMM staging weight tiles would, so ldmatrix without
   // .trans yields B fragments: matrices (n0-7, k0-7) and (n0-7, k8-15); lanes 16-31 repeat them.
   __shared__ __align__(16) uint16_t As[16][16];
   __shared__ __align__(16) uint16_t Ws[8][16];
