@@ -32,6 +32,10 @@ class QuantOptions:
                                    "average does (needs allocator 'greedy')")
     codebook_rows: int = _option(4, "consecutive output rows sharing one codebook (4 cuts the codebook overhead "
                                     "4x for a small error cost; measured better per effective bit than 1)")
+    effective_bits: Optional[float] = _option(None, "budget in stored bits per weight (codes, codebooks, outliers, "
+                                                    "row pointers, perm), met within 0.01 per layer (budget "
+                                                    "'layer') or model-wide ('global'); the quantizer then picks "
+                                                    "the code bits itself. None: the bit budget is in code bits")
     p_act: float = _option(0.0005, "fraction of weights kept exactly as activation-based outliers")
     p_err: float = _option(0.004, "fraction of weights kept exactly as error-based outliers")
     error_feedback: bool = _option(True, "GPTQ-style error feedback on the fitted codebooks (needs X^T X per "
@@ -51,6 +55,8 @@ class QuantOptions:
             raise ValueError("budget='global' needs allocator='greedy' (salience s2 is not comparable across layers)")
         _count("codebook_rows", self.codebook_rows)
         _count("kmeans_iters", self.kmeans_iters)
+        if self.effective_bits is not None:
+            _budget(self.effective_bits)
         _fraction("p_act", self.p_act)
         _fraction("p_err", self.p_err)
         for name in ("error_feedback", "share_input_widths"):
@@ -99,6 +105,13 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _count(name: str, value: Any) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _budget(value: Any) -> None:
+    # The per-layer range depends on the shape (overheads per weight shrink with K); quantize_model checks it.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 2):
+        raise ValueError(f"effective_bits must be a finite number >= 2 (2-bit codes plus overheads) or None, "
+                         f"got {value!r}")
 
 
 def _fraction(name: str, value: Any) -> None:
