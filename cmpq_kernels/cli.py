@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--allocator", choices=ALLOCATORS, default=QuantOptions.allocator, help=_option_help("allocator"))
     q.add_argument("--budget", choices=BUDGETS, default=QuantOptions.budget, help=_option_help("budget"))
-    q.add_argument("--codebook-rows", type=int, default=QuantOptions.codebook_rows,
+    q.add_argument("--codebook-rows", type=_codebook_rows, default=QuantOptions.codebook_rows,
                    help=_option_help("codebook_rows"))
     q.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (q, e, g, i):
         p.add_argument("--json", help="also write the result as JSON to this file")
     return parser
+
+
+def _codebook_rows(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def _option_help(name: str) -> str:

@@ -6,6 +6,7 @@ import torch
 
 from cmpq_kernels.format import layout_effective_bits, tensor_bits
 from cmpq_kernels.quantize import QuantOptions, allocate, quantize_weight
+from cmpq_kernels.quantize.auto import choose
 from cmpq_kernels.quantize.budget import UpgradeLadder, budget_range, plan_widths, segments_of, stored_bits
 
 
@@ -74,3 +75,34 @@ def test_budget_range_widens_with_the_options():
     # More rows per codebook and fewer outliers store less per weight, so the minimum drops.
     assert budget_range(64, 128, QuantOptions(codebook_rows=8, p_act=0, p_err=0))[0] < \
         budget_range(64, 128, QuantOptions())[0]
+
+
+def test_auto_keeps_the_least_error_candidate_and_follows_the_data():
+    g = torch.Generator().manual_seed(5)
+    k = 256
+    x = torch.randn(2048, k, generator=g) * (0.3 + torch.rand(k, generator=g))
+    hessian = x.T @ x / x.shape[0]
+    s2 = torch.diagonal(hessian).clone()
+    opts = QuantOptions(effective_bits=3.0, allocator="auto", codebook_rows="auto")
+    iid = torch.randn(256, k, generator=g)
+    # Rows centred far apart: one codebook shared by several rows spreads its entries over all their ranges.
+    shifted = iid + 8 * torch.randn(256, 1, generator=g)
+    picks = {}
+    for name, w in (("iid", iid), ("shifted", shifted)):
+        best, widths, scores = choose([w], s2, hessian, opts)
+        assert len(scores) == 8 and scores[f"{best.allocator}/r{best.codebook_rows}"] == min(scores.values())
+        assert torch.equal(widths, plan_widths(s2, [w], 3.0, best))
+        picks[name] = best.codebook_rows
+    assert picks == {"iid": 8, "shifted": 1}  # sharing is free for alike rows and costly for unlike ones
+
+
+def test_auto_settings_need_a_budget_and_a_hessian():
+    with pytest.raises(ValueError, match="need effective_bits"):
+        QuantOptions(codebook_rows="auto")
+    with pytest.raises(ValueError, match="needs allocator='greedy'"):
+        QuantOptions(allocator="auto", effective_bits=3.0, budget="global")
+    with pytest.raises(ValueError, match="need effective_bits and budget='layer'"):
+        QuantOptions(codebook_rows="auto", effective_bits=3.0, budget="global")
+    w, s2 = _layer_data(64, 128)
+    with pytest.raises(ValueError, match="Hessian"):
+        quantize_weight(w, s2, effective_bits=4.0, codebook_rows="auto")

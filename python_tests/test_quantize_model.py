@@ -207,3 +207,15 @@ def test_impossible_effective_bit_budgets_raise_before_any_layer_changes():
                        progress=False)
     with pytest.raises(ValueError, match="not both"):
         quantize_model(model, calibration_tokens(), 3.0, effective_bits=4.5, n_samples=8, seq_len=64, progress=False)
+
+
+def test_automatic_settings_meet_the_budget_and_are_shared_by_one_input():
+    model = tiny_llama()
+    report = quantize_model(model, calibration_tokens(), effective_bits=4.5, allocator="auto", codebook_rows="auto",
+                            n_samples=8, seq_len=64, progress=False)
+    assert all(4.49 <= l["effective_bits"] <= 4.5 for l in report.layers)
+    chosen = {l["name"]: (l["allocator"], l["codebook_rows"]) for l in report.layers}
+    assert all(a in ("greedy", "cmpq") and r in (1, 2, 4, 8) for a, r in chosen.values())
+    for block in ("model.layers.0.", "model.layers.1."):  # q/k/v read one input: one choice, one permutation
+        assert len({chosen[block + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+    assert torch.equal(*(_perms(model, "model.layers.0.self_attn")[p] for p in ("q_proj", "k_proj")))

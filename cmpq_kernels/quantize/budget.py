@@ -51,8 +51,10 @@ def budget_range(n: int, k: int, options: QuantOptions) -> tuple[float, float]:
 
 
 def check_budget(name: str, n: int, k: int, target: float, options: QuantOptions) -> None:
-    """``ValueError`` naming layer ``name`` when ``target`` effective bits cannot be stored by its shape."""
-    low, high = budget_range(n, k, options)
+    """``ValueError`` naming layer ``name`` when ``target`` effective bits cannot be stored by its shape (by any of
+    the settings ``"auto"`` options choose from)."""
+    ranges = [budget_range(n, k, cand) for cand in options.candidates()]
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
     # One outlier of slack: the plan lands at most that far below the target.
     if target < low:
         raise ValueError(f"{name}: effective_bits {target:g} is below the minimum {low:.4f} this {n}x{k} layer can "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from ..progress import progress as progress_iter
 from ..surgery import replace_module
 from .allocate import (allocate, channel_scores, check_bits, group_upgrade_gains, select_upgrades,
                        widths_from_upgrades)
+from .auto import choose
 from .budget import check_budget, plan_global, plan_widths
 from .calibrate import (Calibration, LayerStats, StatsAccumulator, block_stats, calibrate, calibration_ids,
                         capture_block_inputs, find_blocks, linear_layers, run_block)
@@ -135,6 +136,20 @@ def shared_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], b
     return widths
 
 
+def auto_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], options: QuantOptions,
+                chosen: dict[str, QuantOptions]) -> dict[str, torch.Tensor]:
+    """Settings chosen by measured error (:func:`.auto.choose`) per group of layers reading one input (each layer
+    alone unless ``options.share_input_widths``): their widths are returned, their settings written to ``chosen``."""
+    widths = {}
+    for group in input_groups(linears, stats, options.share_input_widths):
+        st = stats[group[0]]
+        best, shared, _ = choose([linears[name].weight.detach().float().cpu() for name in group], st.s2, st.hessian,
+                                 options)
+        widths.update(dict.fromkeys(group, shared))
+        chosen.update(dict.fromkeys(group, best))
+    return widths
+
+
 def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float,
                   share: bool) -> dict[str, torch.Tensor]:
     """Greedy widths for all layers at once so the model-wide average code width meets ``bits``.
@@ -169,20 +184,20 @@ def global_allocation(linears: dict[str, nn.Linear], stats: dict[str, LayerStats
 
 
 def cmpq_layer_quantizer(bits: Optional[float], options: QuantOptions,
-                         targets: Optional[dict[str, float]] = None) -> LayerQuantizer:
+                         per_layer: Optional[Mapping[str, QuantOptions]] = None) -> LayerQuantizer:
     """The default :data:`LayerQuantizer`: :func:`quantize_weight` -> :class:`CMPQLinear`. ``bits`` is None under
-    ``options.effective_bits``; ``targets`` (layer name -> effective bits) replaces that budget per layer (a
-    model-wide budget's share for each layer)."""
+    ``options.effective_bits``; ``per_layer`` (layer name -> settings) replaces ``options`` for the layers it names
+    (a model-wide budget's share of each layer, or the settings chosen for it by measured error)."""
 
     def quantize(name: str, linear: nn.Linear, stats: LayerStats,
                  widths: Optional[torch.Tensor]) -> tuple[nn.Module, dict]:
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
-        # The output projection is outside a model-wide plan: it gets the budget itself.
-        opts = options.with_overrides(effective_bits=targets[name]) if targets and name in targets else options
+        opts = (per_layer or {}).get(name, options)
         layer = quantize_weight(linear.weight, stats.s2, bits, opts, hessian=stats.hessian, widths=widths,
                                 bias=bias)
         module = CMPQLinear(layer).to(linear.weight.device)
-        return module, {"code_bits": layer.code_bits, "effective_bits": layer.effective_bits, "nnz": layer.nnz}
+        return module, {"code_bits": layer.code_bits, "effective_bits": layer.effective_bits, "nnz": layer.nnz,
+                        "allocator": opts.allocator, "codebook_rows": layer.codebook_rows}
 
     return quantize
 
@@ -300,16 +315,24 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: Optional[fl
             shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
             widths, targets = plan_global(global_allocation(linears, fp_stats, opts.share_input_widths), shapes,
                                           target, opts)
-            quantizer = layer_quantizer or cmpq_layer_quantizer(None, opts, targets)
+            # The output projection is outside the model-wide plan: it gets the budget itself.
+            quantizer = cmpq_layer_quantizer(None, opts, {name: opts.with_overrides(effective_bits=t)
+                                                          for name, t in targets.items()})
         times["allocate"] = time.perf_counter() - start
     block_widths = None
-    if opts.share_input_widths and opts.budget == "layer":
+    if opts.automatic:
+        chosen: dict[str, QuantOptions] = {}
+        quantizer = cmpq_layer_quantizer(None, opts, chosen)
+        block_widths = lambda linears, stats: auto_widths(linears, stats, opts, chosen)  # noqa: E731
+    elif opts.share_input_widths and opts.budget == "layer":
         block_widths = lambda linears, stats: shared_widths(linears, stats, bits, opts)  # noqa: E731
     records = quantize_blocks(model, ids, quantizer, target or bits, times, widths=widths, block_widths=block_widths,
-                              hessian=opts.error_feedback, batch_size=batch_size, progress=progress, hooks=hooks)
+                              hessian=opts.error_feedback or opts.automatic, batch_size=batch_size,
+                              progress=progress, hooks=hooks)
     if quantize_lm_head:
         t = time.perf_counter()
-        _quantize_lm_head(model, ids, target or bits, quantizer, opts.error_feedback, batch_size, records)
+        _quantize_lm_head(model, ids, target or bits, quantizer, opts.error_feedback or opts.automatic, batch_size,
+                          records)
         times["lm_head"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - start
     settings = {**opts.to_json(),
