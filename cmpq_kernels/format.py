@@ -69,14 +69,19 @@ def field_shapes(n: int, k: int, seg_k: tuple[int, int, int], codebook_rows: int
     return shapes
 
 
+def layout_field_bits(n: int, k: int, seg_k: tuple[int, int, int], codebook_rows: int, nnz: int) -> dict[str, int]:
+    """Bits stored per packed tensor (:data:`LAYER_FIELDS` name) by a layer of this layout."""
+    return {f: math.prod(shape) * field_dtype(f, k).itemsize * 8
+            for f, shape in field_shapes(n, k, seg_k, codebook_rows, nnz).items()}
+
+
 def layout_storage_bits(n: int, k: int, seg_k: tuple[int, int, int], codebook_rows: int, nnz: int) -> dict[str, int]:
     """Bits stored per component (codes, codebooks, outliers, perm; bias excluded) by a layer of this layout.
 
     The one accounting formula: :meth:`CMPQLayer.storage_bits` (a built layer) and the quantizer's effective-bit
     budget (a planned layer, before any k-means) both call it.
     """
-    bits = {f: math.prod(shape) * field_dtype(f, k).itemsize * 8
-            for f, shape in field_shapes(n, k, seg_k, codebook_rows, nnz).items()}
+    bits = layout_field_bits(n, k, seg_k, codebook_rows, nnz)
     return {"codes": sum(bits[f"codes{b}"] for b in SEGMENT_BITS),
             "codebooks": sum(bits[f"codebook{b}"] for b in SEGMENT_BITS),
             "outliers": bits["row_ptr"] + bits["col"] + bits["val"],
