@@ -1,4 +1,4 @@
-"""Where CMPQ's stored bits go, from the accounting formula alone (no model, no k-means): docs/DESIGN.md §1.7.
+"""Where CMPQ's stored bits go, from the accounting formula alone (no model, no k-means): docs/DESIGN.md §1.8.
 
 Prints three markdown tables:
 

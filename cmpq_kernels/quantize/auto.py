@@ -1,4 +1,4 @@
-"""Settings that choose themselves per layer (docs/DESIGN.md §1.7): ``allocator="auto"`` / ``codebook_rows="auto"``.
+"""Settings that choose themselves per layer (docs/DESIGN.md §1.8): ``allocator="auto"`` / ``codebook_rows="auto"``.
 
 Under an effective-bit budget every candidate setting stores the same bits, so they compare on error alone.
 For each group of layers reading one input (they share one allocation), every candidate -- allocator x rows

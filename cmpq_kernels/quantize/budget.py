@@ -1,4 +1,4 @@
-"""Effective-bit budgets (docs/DESIGN.md §1.7): widths and outlier counts whose *stored* size meets a target.
+"""Effective-bit budgets (docs/DESIGN.md §1.8): widths and outlier counts whose *stored* size meets a target.
 
 A layer's storage is fixed by its layout alone -- segment sizes, rows per codebook, outlier count
 (:func:`~cmpq_kernels.format.layout_storage_bits`, the formula :attr:`CMPQLayer.effective_bits` uses) -- so a
