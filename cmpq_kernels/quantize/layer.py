@@ -123,8 +123,8 @@ def quantize_weight(
             allocation); overrides ``allocator`` and ``bits`` for the allocation (``bits`` is still stored). Under
             ``effective_bits`` the outliers still fill the budget around them.
         bias: optional ``[N]`` stored with the layer.
-        **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``p_err=0.0``, ...). ``"auto"``
-            settings are chosen here by :func:`.auto.choose` (needs ``hessian``).
+        **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``p_err=0.0``, ...); not ``"auto"``
+            (:func:`.auto.choose` resolves those).
 
     Returns:
         The packed layer; ``layer.effective_bits`` is the honest storage cost per weight (within one outlier
@@ -139,11 +139,9 @@ def quantize_weight(
     s2 = _check_statistics(k, s2, hessian)
     if overrides.get("error_feedback") and hessian is None:
         raise ValueError("error_feedback=True needs hessian ([K, K] X^T X / n of the layer input)")
-    if opts.automatic:
-        if widths is not None:
-            raise ValueError("'auto' settings choose the widths themselves; pass concrete settings with widths")
-        from .auto import choose  # here: the chooser runs this function on every candidate
-        opts, widths, _ = choose([w], s2, hessian, opts)
+    if opts.automatic:  # resolved before this function: the chooser runs it on every candidate
+        raise ValueError("'auto' settings are chosen by quantize_model, or by quantize.auto.choose given the "
+                         "layer's Hessian; quantize_weight takes the concrete settings it returns")
     if widths is None:
         if target is None:
             widths = allocate(s2, w, check_bits(bits), opts.allocator)
