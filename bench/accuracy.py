@@ -15,6 +15,10 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/
                           ``cmpq-global:<bits>`` greedy allocator with a model-wide budget;
                           ``cmpq-r4:<bits>`` / ``cmpq-greedy-r4:<bits>`` with 4 rows per codebook;
                           ``cmpq-greedy-r4`` is what ``quantize_model`` and ``cmpq quantize`` do by default.
+    cmpq-eff:<E>          the library defaults under a budget of E *effective* bits per layer
+                          (``QuantOptions.effective_bits``; the code bits are chosen per layer);
+                          ``cmpq-eff-paper-r1:<E>`` the paper allocator with one row per codebook at that budget;
+                          ``cmpq-auto:<E>`` allocator and rows per codebook chosen per layer by measured error.
 Optional peers, calibration-free, each package's own quantize + dequantize on CPU (the packages are
 optional: ``pip install bitsandbytes`` and ``DISABLE_CUDA=1 pip install --no-deps hqq termcolor`` --
 hqq's sdist otherwise tries to build CUDA kernels and pulls transformers<5; it needs only torch, numpy
@@ -243,8 +247,11 @@ def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict
                    "cmpq-global": {"allocator": "greedy", "budget": "global"},
                    "cmpq-packed": {"feedback_order": "packed"}, "cmpq-r4": {"codebook_rows": 4},
                    "cmpq-greedy-r4": {"allocator": "greedy", "codebook_rows": 4},
-                   "squeezellm": {"error_feedback": False}}[kind]
-        report = quantize_model(model, [calib], bits, **{**paper, **options}, **common)
+                   "squeezellm": {"error_feedback": False}, "cmpq-eff": {"allocator": "greedy", "codebook_rows": 4},
+                   "cmpq-eff-paper-r1": {}, "cmpq-auto": {"allocator": "auto", "codebook_rows": "auto"}}[kind]
+        # cmpq-eff*: the number is the stored-bit budget, not code bits.
+        budget = {"effective_bits": bits} if kind.startswith(("cmpq-eff", "cmpq-auto")) else {"bits": bits}
+        report = quantize_model(model, [calib], **budget, **{**paper, **options}, **common)
         densify(model)
     return {"effective_bits": report.effective_bits, "code_bits": report.code_bits,
             "stage_seconds": report.stage_seconds}

@@ -69,10 +69,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     eval_text = read_text(args.eval) if args.eval else None
     torch.set_num_threads(args.threads or torch.get_num_threads())
     options = QuantOptions(allocator=args.allocator, budget=args.budget, codebook_rows=args.codebook_rows,
-                           error_feedback=not args.no_error_feedback,
+                           effective_bits=args.effective_bits, error_feedback=not args.no_error_feedback,
                            share_input_widths=not args.no_share_input_widths)
+    if args.bits is not None and args.effective_bits is not None:
+        raise UsageError("give --bits (code bits) or --effective-bits (stored bits), not both")
+    code_bits = None if args.effective_bits is not None else 3.0 if args.bits is None else args.bits
     calib = dict(n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    summary: dict[str, Any] = {"model": args.model, "method": args.method}
+    summary: dict[str, Any] = {"model": args.model, "method": args.method, "budget": (
+        "effective bits" if args.effective_bits is not None else "code bits")}
     if args.method == "mixllm":  # the salience pass needs the whole model: loaded whole, also from a directory
         model, tokenizer = load_model(args.model)
         summary["fp_bytes"] = checkpoint.state_bytes(model)
@@ -86,7 +90,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         tokenizer = load_tokenizer(args.model)
         if eval_text is not None:
             _fp_perplexity(summary, args, eval_text)
-        report = quantize_checkpoint(args.model, args.out, [calibration], args.bits, options, tokenizer=tokenizer,
+        report = quantize_checkpoint(args.model, args.out, [calibration], code_bits, options, tokenizer=tokenizer,
                                      overwrite=args.overwrite, **calib)
         summary["fp_bytes"] = source_bytes(args.model)
         summary["memory_estimate"] = report.settings.pop("memory_estimate")
@@ -97,7 +101,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         if eval_text is not None:
             print("evaluating the FP model ...", file=sys.stderr)
             summary["fp_perplexity"] = perplexity(model, tokenizer, eval_text, args.eval_seq_len, args.eval_tokens)
-        report = quantize_model(model, [calibration], args.bits, options, tokenizer=tokenizer, **calib)
+        report = quantize_model(model, [calibration], code_bits, options, tokenizer=tokenizer, **calib)
         checkpoint.save_quantized(model, args.out, tokenizer, report, overwrite=args.overwrite)
     sizes = checkpoint.checkpoint_bytes(args.out)
     summary.update({"out": args.out, "bits": report.bits, "effective_bits": report.effective_bits,
@@ -123,7 +127,8 @@ def _fp_perplexity(summary: dict, args: argparse.Namespace, text: str) -> None:
 
 
 def _print_quantize_summary(s: dict, file_bytes: int) -> None:
-    print(f"\nquantized {s['model']} -> {s['out']}: {s['bits']:g} bits requested, code bits {s['code_bits']:.3f}, "
+    print(f"\nquantized {s['model']} -> {s['out']}: {s['bits']:g} {s.get('budget', 'bits')} requested, "
+          f"code bits {s['code_bits']:.3f}, "
           f"effective bits {s['effective_bits']:.3f} (quantized layers), {s['quantize_seconds']:.0f} s")
     print("| model | weights (MB) | perplexity |\n|---|---|---|")
     fp_ppl = f"{s['fp_perplexity']:.2f}" if "fp_perplexity" in s else "-"
@@ -207,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help=model_help)
     q.add_argument("--method", choices=("cmpq", "mixllm"), default="cmpq",
                    help="cmpq (default) or mixllm: 8-bit for the top --p %% output channels, 4-bit for the rest")
-    q.add_argument("--bits", type=float, default=3.0, help="cmpq: average code bits per weight, 2.0-4.0 (default 3)")
+    q.add_argument("--bits", type=float,
+                   help="cmpq: average code bits per weight, 2.0-4.0 (default 3 unless --effective-bits is given)")
+    q.add_argument("--effective-bits", type=float, help="cmpq: " + _option_help("effective_bits"))
     q.add_argument("--p", type=float, default=10.0,
                    help="mixllm: percentage of output channels at 8 bits (0 = W4A8, 10 = W4.4A8 default, 100 = W8A8)")
     q.add_argument("--act-bits", type=int, choices=(8, 16), default=8,
@@ -216,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--allocator", choices=ALLOCATORS, default=QuantOptions.allocator, help=_option_help("allocator"))
     q.add_argument("--budget", choices=BUDGETS, default=QuantOptions.budget, help=_option_help("budget"))
-    q.add_argument("--codebook-rows", type=int, default=QuantOptions.codebook_rows,
+    q.add_argument("--codebook-rows", type=_codebook_rows, default=QuantOptions.codebook_rows,
                    help=_option_help("codebook_rows"))
     q.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
@@ -268,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (q, e, g, i):
         p.add_argument("--json", help="also write the result as JSON to this file")
     return parser
+
+
+def _codebook_rows(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def _option_help(name: str) -> str:

@@ -57,6 +57,42 @@ def field_dtype(field: str, k: int) -> torch.dtype:
     return outlier_col_dtype(k) if field == "col" else torch.int32
 
 
+def field_shapes(n: int, k: int, seg_k: tuple[int, int, int], codebook_rows: int, nnz: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every packed tensor (:data:`LAYER_FIELDS` name) of a layer: the layout :meth:`CMPQLayer.validate`
+    checks and the accounting (:func:`layout_storage_bits`) counts, so a planned layer costs what a built one does."""
+    groups = -(-n // codebook_rows)
+    shapes: dict[str, tuple[int, ...]] = {"perm": (k,)}
+    shapes.update({f"codes{b}": (n, s // GROUP_CODES * b) for s, b in zip(seg_k, SEGMENT_BITS)})
+    # An empty segment stores a codebook with 0 columns: nothing is stored for a width no channel uses.
+    shapes.update({f"codebook{b}": (groups, (1 << b) if s else 0) for s, b in zip(seg_k, SEGMENT_BITS)})
+    shapes.update({"row_ptr": (n + 1,), "col": (nnz,), "val": (nnz,)})
+    return shapes
+
+
+def layout_field_bits(n: int, k: int, seg_k: tuple[int, int, int], codebook_rows: int, nnz: int) -> dict[str, int]:
+    """Bits stored per packed tensor (:data:`LAYER_FIELDS` name) by a layer of this layout."""
+    return {f: math.prod(shape) * field_dtype(f, k).itemsize * 8
+            for f, shape in field_shapes(n, k, seg_k, codebook_rows, nnz).items()}
+
+
+def layout_storage_bits(n: int, k: int, seg_k: tuple[int, int, int], codebook_rows: int, nnz: int) -> dict[str, int]:
+    """Bits stored per component (codes, codebooks, outliers, perm; bias excluded) by a layer of this layout.
+
+    The one accounting formula: :meth:`CMPQLayer.storage_bits` (a built layer) and the quantizer's effective-bit
+    budget (a planned layer, before any k-means) both call it.
+    """
+    bits = layout_field_bits(n, k, seg_k, codebook_rows, nnz)
+    return {"codes": sum(bits[f"codes{b}"] for b in SEGMENT_BITS),
+            "codebooks": sum(bits[f"codebook{b}"] for b in SEGMENT_BITS),
+            "outliers": bits["row_ptr"] + bits["col"] + bits["val"],
+            "perm": bits["perm"]}
+
+
+def layout_effective_bits(n: int, k: int, seg_k: tuple[int, int, int], codebook_rows: int, nnz: int) -> float:
+    """All stored bits per weight of a layer of this layout (what :attr:`CMPQLayer.effective_bits` reports)."""
+    return sum(layout_storage_bits(n, k, seg_k, codebook_rows, nnz).values()) / (n * k)
+
+
 def segment_sizes_of(codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[int, int, int]:
     """``seg_k`` implied by packed code tensors ``[n, groups * bits]`` (memory order 4/3/2-bit)."""
     sizes = []
@@ -260,23 +296,23 @@ class CMPQLayer:
         if len(self.seg_k) != 3 or any(s < 0 or s % GROUP_CODES for s in self.seg_k) or sum(self.seg_k) != self.k:
             raise ValueError(f"seg_k: need three multiples of {GROUP_CODES} summing to k={self.k}, got {self.seg_k}")
         device = self.perm.device  # a tensor: checked by _check_field_types
-        self._check_tensor("perm", self.perm, field_dtype("perm", self.k), (self.k,), device)
+        nnz = self.col.numel()
+        shapes = field_shapes(self.n, self.k, self.seg_k, self.codebook_rows, nnz)
+        self._check_tensor("perm", self.perm, field_dtype("perm", self.k), shapes["perm"], device)
         perm = self.perm.cpu()
         if not torch.equal(torch.sort(perm.long()).values, torch.arange(self.k)):
             raise ValueError(f"perm: is not a permutation of range({self.k})")
-        codebook_count = -(-self.n // self.codebook_rows)
         for s, bits in enumerate(SEGMENT_BITS):
             self._check_tensor(f"codes[{s}] ({bits}-bit)", self.codes[s], field_dtype(f"codes{bits}", self.k),
-                               (self.n, self.seg_k[s] // GROUP_CODES * bits), device)
+                               shapes[f"codes{bits}"], device)
             cb = self.codebooks[s]
-            width = (1 << bits) if self.seg_k[s] else 0  # an empty segment stores no codebook
-            self._check_tensor(f"codebooks[{s}] ({bits}-bit)", cb, field_dtype(f"codebook{bits}", self.k), (codebook_count, width), device)
+            self._check_tensor(f"codebooks[{s}] ({bits}-bit)", cb, field_dtype(f"codebook{bits}", self.k),
+                               shapes[f"codebook{bits}"], device)
             if not bool(torch.isfinite(cb).all()):
                 raise ValueError(f"codebooks[{s}] ({bits}-bit): contains NaN or Inf")
-        self._check_tensor("row_ptr", self.row_ptr, field_dtype("row_ptr", self.k), (self.n + 1,), device)
-        nnz = self.col.numel()
-        self._check_tensor("col", self.col, field_dtype("col", self.k), (nnz,), device)
-        self._check_tensor("val", self.val, field_dtype("val", self.k), (nnz,), device)
+        self._check_tensor("row_ptr", self.row_ptr, field_dtype("row_ptr", self.k), shapes["row_ptr"], device)
+        self._check_tensor("col", self.col, field_dtype("col", self.k), shapes["col"], device)
+        self._check_tensor("val", self.val, field_dtype("val", self.k), shapes["val"], device)
         row_ptr = self.row_ptr.cpu().long()
         if row_ptr[0] != 0 or row_ptr[-1] != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
             raise ValueError(f"row_ptr: must start at 0, be non-decreasing and end at nnz={nnz}")
@@ -331,13 +367,9 @@ class CMPQLayer:
         return self.col.numel()
 
     def storage_bits(self) -> dict[str, int]:
-        """Bits stored per component, counted from the actual tensors (bias excluded: FP layers have it too)."""
-        return {
-            "codes": sum(tensor_bits(c) for c in self.codes),
-            "codebooks": sum(tensor_bits(c) for c in self.codebooks),
-            "outliers": tensor_bits(self.row_ptr) + tensor_bits(self.col) + tensor_bits(self.val),
-            "perm": tensor_bits(self.perm),
-        }
+        """Bits stored per component (bias excluded: FP layers have it too), from :func:`layout_storage_bits`:
+        :meth:`validate` guarantees every tensor has exactly the shape and dtype that formula counts."""
+        return layout_storage_bits(self.n, self.k, self.seg_k, self.codebook_rows, self.nnz)
 
     @property
     def code_bits(self) -> float:

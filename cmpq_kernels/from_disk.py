@@ -92,7 +92,7 @@ def memory_estimate(model: nn.Module, expected: dict[str, torch.Tensor], block_p
     return {**parts, "total": sum(parts.values())}
 
 
-def quantize_checkpoint(source: str, out: str, calibration: Calibration, bits: float = 2.5,
+def quantize_checkpoint(source: str, out: str, calibration: Calibration, bits: Optional[float] = None,
                         options: Optional[QuantOptions] = None, *, tokenizer: Any = None, n_samples: int = 128,
                         seq_len: int = 512, seed: int = 0, batch_size: int = 8, progress: bool = True,
                         overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,

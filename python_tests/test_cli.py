@@ -191,6 +191,10 @@ def test_loaded_model_matches_and_compiles(quantized):
     (["quantize", "--model", "{model}", "--bits", "3", "--calib", "missing.txt", "--out", "{out}"], "missing.txt"),
     (["quantize", "--model", "{model}", "--bits", "3", "--calib", "{empty}", "--out", "{out}"], "empty"),
     (["quantize", "--model", "no/such-model", "--bits", "3", "--calib", "{calib}", "--out", "{out}"], "no/such-model"),
+    (["quantize", "--model", "{model}", "--effective-bits", "3.5", "--calib", "{calib}", "--out", "{out}"],
+     "k_proj: effective_bits 3.5 is below the minimum"),
+    (["quantize", "--model", "{model}", "--bits", "3", "--effective-bits", "4.5", "--calib", "{calib}", "--out",
+      "{out}"], "not both"),
     (["eval", "--model", "{model}", "--text", "missing.txt"], "missing.txt"),
     (["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
     (["inspect", "{model}"], "cmpq"),
@@ -203,6 +207,20 @@ def test_bad_input_is_one_clear_line(argv, message, model_dir, texts, tmp_path, 
     err = capsys.readouterr().err
     assert status == 2 and "error" in err and message in err
     assert not os.path.exists(fill["out"])
+
+
+def test_quantize_to_an_effective_bit_budget(model_dir, texts, tmp_path):
+    out, summary_path = str(tmp_path / "eff"), str(tmp_path / "eff.json")
+    assert cli.main(["quantize", "--model", model_dir, "--effective-bits", "4.5", "--codebook-rows", "auto",
+                     "--calib", texts[0], "--out", out, "--samples", "8", "--seq-len", "64",
+                     "--json", summary_path]) == 0
+    with open(summary_path, encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["budget"] == "effective bits" and summary["bits"] == 4.5
+    assert 4.49 <= summary["effective_bits"] <= 4.5
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        settings = json.load(f)["quantization_config"]["settings"]
+    assert settings["effective_bits"] == 4.5 and settings["codebook_rows"] == "auto"
 
 
 def test_quantize_refuses_existing_output(quantized, model_dir, texts, capsys):

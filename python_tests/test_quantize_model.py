@@ -177,3 +177,45 @@ def test_input_groups_are_the_layers_fed_one_tensor():
     groups = {tuple(sorted(n.rpartition(".")[2] for n in g)) for g in input_groups(block, stats, share=True)}
     assert groups == {("k_proj", "q_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)}
     assert all(len(g) == 1 for g in input_groups(block, stats, share=False))
+
+
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_effective_bit_budget_is_met(budget):
+    model = tiny_llama()
+    report = quantize_model(model, calibration_tokens(), effective_bits=4.5, budget=budget, n_samples=8, seq_len=64,
+                            progress=False)
+    assert report.bits == 4.5 and report.settings["effective_bits"] == 4.5
+    assert 4.49 <= report.effective_bits <= 4.5
+    if budget == "layer":
+        assert all(4.49 <= l["effective_bits"] <= 4.5 for l in report.layers)
+    else:  # model-wide: layers differ, their average meets the budget
+        assert len({round(l["effective_bits"], 3) for l in report.layers}) > 1
+    stored = [m.layer.effective_bits for m in model.modules() if isinstance(m, CMPQLinear)]
+    assert stored == [l["effective_bits"] for l in report.layers]
+
+
+def test_impossible_effective_bit_budgets_raise_before_any_layer_changes():
+    model = tiny_llama()
+    # The 32x64 k/v projections need 3.91 bits even with every channel at 2 bits; nothing may be replaced first.
+    with pytest.raises(ValueError, match="k_proj: effective_bits 3.5 is below the minimum 3.9062"):
+        quantize_model(model, calibration_tokens(), effective_bits=3.5, n_samples=8, seq_len=64, progress=False)
+    assert not any(isinstance(m, CMPQLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="above the maximum"):
+        quantize_model(model, calibration_tokens(), effective_bits=6.5, n_samples=8, seq_len=64, progress=False)
+    with pytest.raises(ValueError, match="below the model-wide minimum"):
+        quantize_model(model, calibration_tokens(), effective_bits=3.0, budget="global", n_samples=8, seq_len=64,
+                       progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        quantize_model(model, calibration_tokens(), 3.0, effective_bits=4.5, n_samples=8, seq_len=64, progress=False)
+
+
+def test_automatic_settings_meet_the_budget_and_are_shared_by_one_input():
+    model = tiny_llama()
+    report = quantize_model(model, calibration_tokens(), effective_bits=4.5, allocator="auto", codebook_rows="auto",
+                            n_samples=8, seq_len=64, progress=False)
+    assert all(4.49 <= l["effective_bits"] <= 4.5 for l in report.layers)
+    chosen = {l["name"]: (l["allocator"], l["codebook_rows"]) for l in report.layers}
+    assert all(a in ("greedy", "cmpq") and r in (1, 2, 4, 8) for a, r in chosen.values())
+    for block in ("model.layers.0.", "model.layers.1."):  # q/k/v read one input: one choice, one permutation
+        assert len({chosen[block + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+    assert torch.equal(*(_perms(model, "model.layers.0.self_attn")[p] for p in ("q_proj", "k_proj")))

@@ -12,6 +12,7 @@ import torch
 
 from ..format import SEGMENT_BITS, CMPQLayer, check_in_features
 from .allocate import allocate, check_bits, permutation
+from .budget import base_outliers, check_budget, fill_outliers, plan_widths
 from .codebook import fit_rows
 from .gptq import quantize_with_feedback
 from .options import QuantOptions
@@ -98,7 +99,7 @@ def _feedback(wp: torch.Tensor, hessian_p: torch.Tensor, codebooks: list[torch.T
 def quantize_weight(
     weight: torch.Tensor,
     s2: torch.Tensor,
-    bits: float,
+    bits: Optional[float] = None,
     options: Optional[QuantOptions] = None,
     *,
     hessian: Optional[torch.Tensor] = None,
@@ -111,38 +112,56 @@ def quantize_weight(
     Args:
         weight: float ``[out_features, in_features]``, finite; ``in_features`` a multiple of 32.
         s2: ``[K]`` mean squared activation per input channel (salience, k-means weights).
-        bits: average code bits per weight, any value in [2, 4].
+        bits: average code bits per weight, any value in [2, 4]; None exactly when ``options.effective_bits`` is
+            set (the widths and outlier count are then planned to that stored size, :mod:`.budget`).
         options: quantizer settings (:class:`QuantOptions`; defaults when None). ``budget`` is a model-level
             setting and is ignored here.
         hessian: ``[K, K]`` ``X^T X / n`` of the layer input, original channel order. Error feedback runs when
             it is given and ``options.error_feedback`` is on; asking for ``error_feedback=True`` explicitly
             without it is an error.
         widths: optional precomputed int ``[K]`` widths in {2, 3, 4} (e.g. from a model-wide
-            allocation); overrides ``allocator`` and ``bits`` for the allocation (``bits`` is still stored).
+            allocation); overrides ``allocator`` and ``bits`` for the allocation (``bits`` is still stored). Under
+            ``effective_bits`` the outliers still fill the budget around them.
         bias: optional ``[N]`` stored with the layer.
-        **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``p_err=0.0``, ...).
+        **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``p_err=0.0``, ...); not ``"auto"``
+            (:func:`.auto.choose` resolves those).
 
     Returns:
-        The packed layer; ``layer.effective_bits`` is the honest storage cost per weight.
+        The packed layer; ``layer.effective_bits`` is the honest storage cost per weight (within one outlier
+        below ``options.effective_bits`` when that is set).
     """
-    bits = check_bits(bits)
     opts = QuantOptions.resolve(options, overrides)
+    target = opts.effective_bits
+    if (target is None) == (bits is None):
+        raise ValueError("give exactly one of bits (code bits) and effective_bits (stored bits)")
     w = check_weight(weight)
-    s2 = _check_statistics(w.shape[1], s2, hessian)
+    n, k = w.shape
+    s2 = _check_statistics(k, s2, hessian)
     if overrides.get("error_feedback") and hessian is None:
         raise ValueError("error_feedback=True needs hessian ([K, K] X^T X / n of the layer input)")
+    if opts.automatic:  # resolved before this function: the chooser runs it on every candidate
+        raise ValueError("'auto' settings are chosen by quantize_model, or by quantize.auto.choose given the "
+                         "layer's Hessian; quantize_weight takes the concrete settings it returns")
     if widths is None:
-        widths = allocate(s2, w, bits, opts.allocator)
+        if target is None:
+            widths = allocate(s2, w, check_bits(bits), opts.allocator)
+        else:
+            check_budget(f"{n}x{k} weight", n, k, target, opts)
+            widths = plan_widths(s2, [w], target, opts)
     widths = torch.as_tensor(widths).long().reshape(-1)
-    if widths.numel() != w.shape[1]:  # else the layer would silently cover only some channels
-        raise ValueError(f"widths must have one entry per input channel ({w.shape[1]}), got {widths.numel()}")
+    if widths.numel() != k:  # else the layer would silently cover only some channels
+        raise ValueError(f"widths must have one entry per input channel ({k}), got {widths.numel()}")
     perm, seg_k = permutation(widths)
     wp, s2p = w[:, perm], s2[perm]
+    bits = check_bits(sum(b * s for b, s in zip(SEGMENT_BITS, seg_k)) / k if bits is None else bits)
+    n_act, n_err = base_outliers(n, k, opts)
+    if target is not None:
+        n_err = fill_outliers(n, k, seg_k, target, opts)
 
     rows = opts.codebook_rows
-    keep = activation_outliers(wp, s2p, opts.p_act)
+    keep = activation_outliers(wp, s2p, n_act)
     codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, rows, opts.kmeans_iters)
-    err_mask = error_outliers(wp, deq, s2p, opts.p_err, keep)
+    err_mask = error_outliers(wp, deq, s2p, n_err, keep)
     if bool(err_mask.any()):
         keep |= err_mask
         codebooks, codes, deq = _fit_segments(wp, s2p, keep, seg_k, rows, opts.kmeans_iters)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ from ..progress import progress as progress_iter
 from ..surgery import replace_module
 from .allocate import (allocate, channel_scores, check_bits, group_upgrade_gains, select_upgrades,
                        widths_from_upgrades)
+from .auto import choose
+from .budget import check_budget, plan_global, plan_widths
 from .calibrate import (Calibration, LayerStats, StatsAccumulator, block_stats, calibrate, calibration_ids,
                         capture_block_inputs, find_blocks, linear_layers, run_block)
 from .layer import quantize_weight
@@ -114,15 +116,37 @@ def _stacked_weight(linears: dict[str, nn.Linear], group: list[str]) -> torch.Te
     return torch.cat([linears[name].weight.detach().float().cpu() for name in group])
 
 
-def shared_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: float,
-                  allocator: str) -> dict[str, torch.Tensor]:
+def shared_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], bits: Optional[float],
+                  options: QuantOptions) -> dict[str, torch.Tensor]:
     """One allocation per group of layers reading the same input, from their stacked weights (so the group shares
-    one permutation and can be served as one fused matrix); single layers are left to the layer quantizer."""
+    one permutation and can be served as one fused matrix); single layers are left to the layer quantizer.
+    Under ``options.effective_bits`` (``bits`` None) the allocation is the largest at which every layer of the
+    group fits the budget; each layer's outliers then fill its own remainder."""
     widths = {}
     for group in input_groups(linears, stats, share=True):
-        if len(group) > 1:
-            widths.update(dict.fromkeys(group, allocate(stats[group[0]].s2, _stacked_weight(linears, group), bits,
-                                                         allocator)))
+        if len(group) < 2:
+            continue
+        s2 = stats[group[0]].s2
+        if options.effective_bits is None:
+            shared = allocate(s2, _stacked_weight(linears, group), bits, options.allocator)
+        else:
+            shared = plan_widths(s2, [linears[name].weight.detach().float().cpu() for name in group],
+                                 options.effective_bits, options)
+        widths.update(dict.fromkeys(group, shared))
+    return widths
+
+
+def auto_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], options: QuantOptions,
+                chosen: dict[str, QuantOptions]) -> dict[str, torch.Tensor]:
+    """Settings chosen by measured error (:func:`.auto.choose`) per group of layers reading one input (each layer
+    alone unless ``options.share_input_widths``): their widths are returned, their settings written to ``chosen``."""
+    widths = {}
+    for group in input_groups(linears, stats, options.share_input_widths):
+        st = stats[group[0]]
+        best, shared, _ = choose([linears[name].weight.detach().float().cpu() for name in group], st.s2, st.hessian,
+                                 options)
+        widths.update(dict.fromkeys(group, shared))
+        chosen.update(dict.fromkeys(group, best))
     return widths
 
 
@@ -134,7 +158,13 @@ def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], b
     (``s2 * ||W[:, k]||^2 * 4^-b``, comparable across layers) per stored bit. With ``share``, layers reading
     the same input compete as one stacked layer and get one allocation.
     """
-    bits = check_bits(bits)
+    return global_allocation(linears, stats, share)(check_bits(bits))
+
+
+def global_allocation(linears: dict[str, nn.Linear], stats: dict[str, LayerStats],
+                      share: bool) -> Callable[[float], dict[str, torch.Tensor]]:
+    """:func:`global_widths` as a function of the code-bit target, with the upgrade gains computed once (the
+    effective-bit budget evaluates it at many targets)."""
     groups = input_groups(linears, stats, share)
     orders, gains, costs = [], [], []
     for group in groups:
@@ -143,21 +173,31 @@ def global_widths(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], b
         orders.append(order)
         gains.append(g)
         costs.append(float(GROUP_CODES * w.shape[0]))
-    budget = (bits - 2.0) * sum(lin.weight.numel() for lin in linears.values())
-    upgrades = select_upgrades(gains, costs, budget)
-    return {name: widths_from_upgrades(order, u) for group, order, u in zip(groups, orders, upgrades) for name in group}
+    weights = sum(lin.weight.numel() for lin in linears.values())
+
+    def widths(bits: float) -> dict[str, torch.Tensor]:
+        upgrades = select_upgrades(gains, costs, (bits - 2.0) * weights)
+        return {name: widths_from_upgrades(order, u) for group, order, u in zip(groups, orders, upgrades)
+                for name in group}
+
+    return widths
 
 
-def cmpq_layer_quantizer(bits: float, options: QuantOptions) -> LayerQuantizer:
-    """The default :data:`LayerQuantizer`: :func:`quantize_weight` -> :class:`CMPQLinear`."""
+def cmpq_layer_quantizer(bits: Optional[float], options: QuantOptions,
+                         per_layer: Optional[Mapping[str, QuantOptions]] = None) -> LayerQuantizer:
+    """The default :data:`LayerQuantizer`: :func:`quantize_weight` -> :class:`CMPQLinear`. ``bits`` is None under
+    ``options.effective_bits``; ``per_layer`` (layer name -> settings) replaces ``options`` for the layers it names
+    (a model-wide budget's share of each layer, or the settings chosen for it by measured error)."""
 
     def quantize(name: str, linear: nn.Linear, stats: LayerStats,
                  widths: Optional[torch.Tensor]) -> tuple[nn.Module, dict]:
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
-        layer = quantize_weight(linear.weight, stats.s2, bits, options, hessian=stats.hessian, widths=widths,
+        opts = (per_layer or {}).get(name, options)
+        layer = quantize_weight(linear.weight, stats.s2, bits, opts, hessian=stats.hessian, widths=widths,
                                 bias=bias)
         module = CMPQLinear(layer).to(linear.weight.device)
-        return module, {"code_bits": layer.code_bits, "effective_bits": layer.effective_bits, "nnz": layer.nnz}
+        return module, {"code_bits": layer.code_bits, "effective_bits": layer.effective_bits, "nnz": layer.nnz,
+                        "allocator": opts.allocator, "codebook_rows": layer.codebook_rows}
 
     return quantize
 
@@ -206,7 +246,8 @@ def _quantize_linears(root: nn.Module, linears: dict[str, nn.Linear], stats: dic
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5, options: Optional[QuantOptions] = None,
+def quantize_model(model: nn.Module, calibration: Calibration, bits: Optional[float] = None,
+                   options: Optional[QuantOptions] = None,
                    *, tokenizer: Any = None, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
                    quantize_lm_head: bool = False, batch_size: int = 8, progress: bool = True,
                    layer_quantizer: Optional[LayerQuantizer] = None, hooks: Optional[BlockHooks] = None,
@@ -220,7 +261,9 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
         model: a Hugging Face causal LM (Llama, Qwen2, Mistral, Gemma3, ...) in eval mode.
         calibration: list of strings, a text-file path, or an iterable of ``input_ids`` (see
             :func:`~.calibrate.calibration_ids`).
-        bits: average code bits per weight in [2, 4]; ``effective_bits`` in the report adds the overheads.
+        bits: average code bits per weight in [2, 4] (default 2.5); ``effective_bits`` in the report adds the
+            overheads. Leave it None when ``options.effective_bits`` sets the budget in stored bits instead (per
+            layer, or model-wide with ``budget="global"``; the report's ``bits`` is then that budget).
         options: quantizer settings (:class:`QuantOptions`; defaults when None). ``budget="global"`` allocates
             from the FP model's statistics in one extra pass; ``error_feedback`` records ``X^T X`` per layer.
         tokenizer: needed when ``calibration`` is text.
@@ -233,8 +276,14 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
             (used by :func:`cmpq_kernels.from_disk.quantize_checkpoint`).
         **overrides: fields of :class:`QuantOptions` (``allocator="cmpq"``, ``codebook_rows=1``, ...).
     """
-    bits = check_bits(bits)
     opts = QuantOptions.resolve(options, overrides)
+    target = opts.effective_bits
+    if target is not None and bits is not None:
+        raise ValueError("give bits (code bits) or effective_bits (stored bits), not both")
+    if target is not None and layer_quantizer is not None:
+        raise ValueError("effective_bits budgets CMPQ layers; a custom layer_quantizer takes bits")
+    if target is None:
+        bits = check_bits(2.5 if bits is None else bits)
     quantizer = layer_quantizer or cmpq_layer_quantizer(bits, opts)
     if hooks is not None and (opts.budget == "global" or quantize_lm_head):
         raise ValueError("budget='global' and quantize_lm_head need the whole model in memory; they are not "
@@ -247,28 +296,49 @@ def quantize_model(model: nn.Module, calibration: Calibration, bits: float = 2.5
     _check_linears(linear_layers(blocks, f"{path}."))
     if quantize_lm_head:
         _output_projection(model)
+    if target is not None and opts.budget == "layer":
+        checked = dict(linear_layers(blocks, f"{path}."))
+        if quantize_lm_head:
+            checked.update([_output_projection(model)])
+        for name, lin in checked.items():
+            check_budget(name, lin.out_features, lin.in_features, target, opts)
     check_finite(model)
     check_token_ids(model, ids)
     widths: dict[str, torch.Tensor] = {}
     if opts.budget == "global":
         fp_stats = calibrate(model, [ids], n_samples=n_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                              show_progress=progress)
-        widths = global_widths(linear_layers(blocks, f"{path}."), fp_stats, bits, opts.share_input_widths)
+        linears = linear_layers(blocks, f"{path}.")
+        if target is None:
+            widths = global_widths(linears, fp_stats, bits, opts.share_input_widths)
+        else:
+            shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
+            widths, targets = plan_global(global_allocation(linears, fp_stats, opts.share_input_widths), shapes,
+                                          target, opts)
+            # The output projection is outside the model-wide plan: it gets the budget itself.
+            quantizer = cmpq_layer_quantizer(None, opts, {name: opts.with_overrides(effective_bits=t)
+                                                          for name, t in targets.items()})
         times["allocate"] = time.perf_counter() - start
     block_widths = None
-    if opts.share_input_widths and opts.budget == "layer":
-        block_widths = lambda linears, stats: shared_widths(linears, stats, bits, opts.allocator)  # noqa: E731
-    records = quantize_blocks(model, ids, quantizer, bits, times, widths=widths, block_widths=block_widths,
-                              hessian=opts.error_feedback, batch_size=batch_size, progress=progress, hooks=hooks)
+    if opts.automatic:
+        chosen: dict[str, QuantOptions] = {}
+        quantizer = cmpq_layer_quantizer(None, opts, chosen)
+        block_widths = lambda linears, stats: auto_widths(linears, stats, opts, chosen)  # noqa: E731
+    elif opts.share_input_widths and opts.budget == "layer":
+        block_widths = lambda linears, stats: shared_widths(linears, stats, bits, opts)  # noqa: E731
+    records = quantize_blocks(model, ids, quantizer, target or bits, times, widths=widths, block_widths=block_widths,
+                              hessian=opts.error_feedback or opts.automatic, batch_size=batch_size,
+                              progress=progress, hooks=hooks)
     if quantize_lm_head:
         t = time.perf_counter()
-        _quantize_lm_head(model, ids, bits, quantizer, opts.error_feedback, batch_size, records)
+        _quantize_lm_head(model, ids, target or bits, quantizer, opts.error_feedback or opts.automatic, batch_size,
+                          records)
         times["lm_head"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - start
     settings = {**opts.to_json(),
                 "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": seed},
                 "quantize_lm_head": quantize_lm_head, "custom_layer_quantizer": layer_quantizer is not None}
-    return QuantReport(bits, records, times, settings)
+    return QuantReport(target or bits, records, times, settings)
 
 
 def quantize_blocks(model: nn.Module, ids: torch.Tensor, quantizer: LayerQuantizer, bits: float,

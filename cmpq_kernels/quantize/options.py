@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
-ALLOCATORS = ("greedy", "cmpq")
+AUTO_ALLOCATORS = ("greedy", "cmpq")
+#: rows per codebook that ``codebook_rows="auto"`` chooses from.
+AUTO_CODEBOOK_ROWS = (1, 2, 4, 8)
+ALLOCATORS = (*AUTO_ALLOCATORS, "auto")
 BUDGETS = ("layer", "global")
 FEEDBACK_ORDERS = ("act", "packed")
 
@@ -27,11 +30,18 @@ class QuantOptions:
     """Settings of the CMPQ quantizer (the bit budget and the calibration data are separate arguments)."""
 
     allocator: str = _option("greedy", "bit widths per input channel: 'greedy' (estimated output error, any "
-                                       "2/3/4 mix; measured better) or 'cmpq' (the paper's salience rule)")
+                                       "2/3/4 mix; measured better) or 'cmpq' (the paper's salience rule); 'auto' "
+                                       "(needs effective_bits): per layer, whichever has the least output error")
     budget: str = _option("layer", "'layer': every layer meets the bit budget; 'global': the model-wide "
                                    "average does (needs allocator 'greedy')")
-    codebook_rows: int = _option(4, "consecutive output rows sharing one codebook (4 cuts the codebook overhead "
-                                    "4x for a small error cost; measured better per effective bit than 1)")
+    codebook_rows: Union[int, str] = _option(4, "consecutive output rows sharing one codebook (4 cuts the codebook "
+                                                "overhead 4x for a small error cost; measured better per effective "
+                                                "bit than 1); 'auto' (needs effective_bits): per layer, whichever "
+                                                "of 1/2/4/8 has the least output error at the budget")
+    effective_bits: Optional[float] = _option(None, "budget in stored bits per weight (codes, codebooks, outliers, "
+                                                    "row pointers, perm), met within 0.01 per layer (budget "
+                                                    "'layer') or model-wide ('global'); the quantizer then picks "
+                                                    "the code bits itself. None: the bit budget is in code bits")
     p_act: float = _option(0.0005, "fraction of weights kept exactly as activation-based outliers")
     p_err: float = _option(0.004, "fraction of weights kept exactly as error-based outliers")
     error_feedback: bool = _option(True, "GPTQ-style error feedback on the fitted codebooks (needs X^T X per "
@@ -49,13 +59,30 @@ class QuantOptions:
         _choice("feedback_order", self.feedback_order, FEEDBACK_ORDERS)
         if self.budget == "global" and self.allocator != "greedy":
             raise ValueError("budget='global' needs allocator='greedy' (salience s2 is not comparable across layers)")
-        _count("codebook_rows", self.codebook_rows)
+        if self.codebook_rows != "auto":
+            _count("codebook_rows", self.codebook_rows)
+        if self.automatic and (self.effective_bits is None or self.budget != "layer"):
+            raise ValueError("allocator='auto' / codebook_rows='auto' compare settings at equal stored bits: they "
+                             "need effective_bits and budget='layer'")
         _count("kmeans_iters", self.kmeans_iters)
+        if self.effective_bits is not None:
+            _budget(self.effective_bits)
         _fraction("p_act", self.p_act)
         _fraction("p_err", self.p_err)
         for name in ("error_feedback", "share_input_widths"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def automatic(self) -> bool:
+        """Whether a setting is chosen per layer by measured error (``"auto"``)."""
+        return self.allocator == "auto" or self.codebook_rows == "auto"
+
+    def candidates(self) -> list["QuantOptions"]:
+        """Every concrete setting these options stand for (``"auto"`` fields expanded; just ``self`` when none is)."""
+        allocators = AUTO_ALLOCATORS if self.allocator == "auto" else (self.allocator,)
+        rows = AUTO_CODEBOOK_ROWS if self.codebook_rows == "auto" else (self.codebook_rows,)
+        return [self.with_overrides(allocator=a, codebook_rows=r) for a in allocators for r in rows]
 
     def with_overrides(self, **overrides: Any) -> "QuantOptions":
         """A copy with some fields replaced; ``TypeError`` names an unknown option."""
@@ -99,6 +126,13 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _count(name: str, value: Any) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _budget(value: Any) -> None:
+    # The per-layer range depends on the shape (overheads per weight shrink with K); quantize_model checks it.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 2):
+        raise ValueError(f"effective_bits must be a finite number >= 2 (2-bit codes plus overheads) or None, "
+                         f"got {value!r}")
 
 
 def _fraction(name: str, value: Any) -> None:

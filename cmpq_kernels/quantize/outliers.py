@@ -14,13 +14,17 @@ import math
 import torch
 
 
-def top_mask(score: torch.Tensor, fraction: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask of the ``round(fraction * score.numel())`` largest scores (excluded entries never chosen).
+def outlier_count(fraction: float, weights: int) -> int:
+    """Outliers a fraction of ``weights`` stands for: what the quantizer stores and the budget planner counts."""
+    return int(round(fraction * weights))
+
+
+def top_mask(score: torch.Tensor, count: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest scores (excluded entries never chosen).
 
     ``topk`` is deterministic on CPU for a given input (ties are rare for float scores and resolved
     the same way every run).
     """
-    count = int(round(fraction * score.numel()))
     mask = torch.zeros_like(score, dtype=torch.bool)
     if count == 0:
         return mask
@@ -33,12 +37,12 @@ def top_mask(score: torch.Tensor, fraction: float, exclude: torch.Tensor | None 
     return mask
 
 
-def activation_outliers(weight: torch.Tensor, s2: torch.Tensor, p_act: float) -> torch.Tensor:
-    """Mask ``[N, K]`` of the top ``p_act`` weights by ``|W| * sqrt(s2)``; ``s2`` ``[K]`` matches W's columns."""
-    return top_mask(weight.abs() * s2.sqrt(), p_act)
+def activation_outliers(weight: torch.Tensor, s2: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask ``[N, K]`` of the top ``count`` weights by ``|W| * sqrt(s2)``; ``s2`` ``[K]`` matches W's columns."""
+    return top_mask(weight.abs() * s2.sqrt(), count)
 
 
-def error_outliers(weight: torch.Tensor, dequant: torch.Tensor, s2: torch.Tensor, p_err: float,
+def error_outliers(weight: torch.Tensor, dequant: torch.Tensor, s2: torch.Tensor, count: int,
                    exclude: torch.Tensor) -> torch.Tensor:
-    """Mask ``[N, K]`` of the top ``p_err`` weights by ``|W - Q(W)| * sqrt(s2)``, never re-picking ``exclude``."""
-    return top_mask((weight - dequant).abs() * s2.sqrt(), p_err, exclude)
+    """Mask ``[N, K]`` of the top ``count`` weights by ``|W - Q(W)| * sqrt(s2)``, never re-picking ``exclude``."""
+    return top_mask((weight - dequant).abs() * s2.sqrt(), count, exclude)
