@@ -23,8 +23,10 @@ Method
       as many distinct copies of its weights as fill ``--cold-mb`` (default twice the LLC size from sysfs),
       as ``bench_cpu.py`` does.
     * ``torch.set_num_threads(--threads)`` (default 1: the MixLLM kernels use the same ATen pool).
-    * ``--warmup`` untimed calls (default 5), then the median of ``--reps`` (default 30) single calls timed with
-      ``time.perf_counter``; activations cycle through 8 pre-made tensors (``bench_cpu.time_ms``).
+    * Interleaved timing, because the machine may be shared and its load changes within seconds: per shape and
+      M, every method gets ``--warmup`` untimed calls (default 5), then ``--reps`` rounds (default 30) each time
+      one call of every method in turn (``time.perf_counter``); a method's time is its median. Activations
+      cycle through 8 pre-made tensors, weight copies through the cold set.
     * Correctness gate before timing: the op's output at M = 4 must match ``mixllm_reference.linear`` (the exact
       A8 arithmetic) to 1e-4 relative, else the run aborts: a wrong kernel is never timed.
     * Weight bytes: everything stored (MixLLM: codes, fp16 scales, packed zeros, int32 row indices;
@@ -42,8 +44,10 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +59,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 import cmpq_kernels
 from bench_common import cpu_model, markdown_table, parse_batches, parse_shapes, write_json_and_markdown
-from bench_cpu import Method, cpu_flags, llc_bytes, make_peer, n_copies, rel_err, time_ms
+from bench_cpu import Method, cpu_flags, llc_bytes, make_peer, n_copies, rel_err
 from cmpq_kernels import mixllm_reference, ops
 from cmpq_kernels.mixllm_format import MixLLMLayer
 from cmpq_kernels.quantize.mixllm import group_params, rtn_codes
@@ -101,37 +105,50 @@ def mixllm_method(layer: MixLLMLayer, p: float, cold: int) -> Method:
     return method
 
 
+def time_interleaved(methods: list[Method], xs: list[torch.Tensor], warmup: int, reps: int) -> list[float]:
+    """Median ms of one call per method, the methods called in turn within every round (see the docstring)."""
+    inputs = [[x.to(method.x_dtype) for x in xs] for method in methods]
+    times: list[list[float]] = [[] for _ in methods]
+    for i in range(warmup + reps):
+        for j, method in enumerate(methods):
+            x = inputs[j][i % len(xs)]
+            t0 = time.perf_counter()
+            method.call(x, i % method.copies)
+            elapsed = time.perf_counter() - t0
+            if i >= warmup:
+                times[j].append(elapsed)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
 def run_shape(n: int, k: int, args: argparse.Namespace, unavailable: dict[str, str]) -> list[dict]:
     torch.manual_seed(0)
     weight = torch.randn(n, k) * 0.02
     xs = {m: [torch.randn(m, k) for _ in range(ROTATE)] for m in args.batch}
     probe = torch.randn(GATE_M, k)
     ref = F.linear(probe, weight)
-    rows: list[dict] = []
-    fp32_ms: dict[int, float] = {}
-
-    def measure(method: Method) -> None:
-        method.rel_err = rel_err(method.call(probe.to(method.x_dtype), 0), ref)
-        for m in args.batch:
-            ms = time_ms(method, xs[m], args.warmup, args.reps)
-            fp32_ms.setdefault(m, ms)  # fp32 is measured first
-            rows.append({"n": n, "k": k, "m": m, "method": method.name,
-                         "effective_bits": 8 * method.weight_bytes / (n * k), "code_bits": method.code_bits,
-                         "ms": ms, "weight_bytes": method.weight_bytes, "gbps": method.weight_bytes / ms / 1e6,
-                         "speedup": fp32_ms[m] / ms, "rel_err": method.rel_err, "copies": method.copies})
-            print(f"  {n}x{k} M={m} {method.name}: {ms:.3f} ms ({method.copies} copies)", flush=True)
-
+    methods: list[Method] = []
     for name in args.peers:
         try:
             peer = make_peer(name, weight, args.cold_bytes)
-            peer.call(probe.to(peer.x_dtype), 0)
+            peer.rel_err = rel_err(peer.call(probe.to(peer.x_dtype), 0), ref)
         except (RuntimeError, NotImplementedError, AttributeError) as err:  # op missing or refusing this shape
             unavailable[f"{name} {n}x{k}"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
             continue
-        measure(peer)
-        del peer
+        methods.append(peer)
     for p in PERCENTS:
-        measure(mixllm_method(random_mixllm_layer(weight, p), p, args.cold_bytes))
+        method = mixllm_method(random_mixllm_layer(weight, p), p, args.cold_bytes)
+        method.rel_err = rel_err(method.call(probe, 0), ref)
+        methods.append(method)
+    rows = []
+    for m in args.batch:
+        ms = dict(zip((method.name for method in methods), time_interleaved(methods, xs[m], args.warmup, args.reps)))
+        for method in methods:
+            rows.append({"n": n, "k": k, "m": m, "method": method.name,
+                         "effective_bits": 8 * method.weight_bytes / (n * k), "code_bits": method.code_bits,
+                         "ms": ms[method.name], "weight_bytes": method.weight_bytes,
+                         "gbps": method.weight_bytes / ms[method.name] / 1e6, "speedup": ms["fp32"] / ms[method.name],
+                         "rel_err": method.rel_err, "copies": method.copies})
+        print(f"  {n}x{k} M={m}: " + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items()), flush=True)
     return rows
 
 
