@@ -25,13 +25,19 @@ Method
     * ``torch.set_num_threads(--threads)`` (default 1: the MixLLM kernels use the same ATen pool).
     * Interleaved timing, because the machine may be shared and its load changes within seconds: per shape and
       M, every method gets ``--warmup`` untimed calls (default 5), then ``--reps`` rounds (default 30) each time
-      one call of every method in turn (``time.perf_counter``); a method's time is its median. Activations
-      cycle through 8 pre-made tensors, weight copies through the cold set.
+      one call of every method in turn; a method's time is its median. Activations cycle through 8 pre-made
+      tensors, weight copies through the cold set.
+    * Two clocks per call: wall (``time.perf_counter``, ``ms``) and the calling thread's CPU time
+      (``time.thread_time``, ``cpu_ms``). With one thread the op runs on the calling thread, so ``cpu_ms`` is
+      the call's work without the time the scheduler gives other processes: on a loaded machine (load average
+      far above the core count) a wall median can be a scheduler time slice, so the ratios use ``cpu_ms`` when
+      ``--threads 1`` and wall time otherwise (``ratio_clock`` in the JSON). CPU time still includes memory
+      stalls and caches disturbed by other processes.
     * Correctness gate before timing: the op's output at M = 4 must match ``mixllm_reference.linear`` (the exact
       A8 arithmetic) to 1e-4 relative, else the run aborts: a wrong kernel is never timed.
     * Weight bytes: everything stored (MixLLM: codes, fp16 scales, packed zeros, int32 row indices;
       int4: packed codes + bf16 scales and zeros; int8: codes + scales); effective bits = 8 * bytes / (N * K).
-    * ``speedup`` = fp32 ms / method ms; the summary also gives int8 ms / mixllm ms and int4-g128 ms / mixllm ms.
+    * ``speedup`` = fp32 time / method time; the summary also gives int8 / mixllm and int4-g128 / mixllm.
     * The machine may be shared: ``os.getloadavg()`` is recorded before and after the run (and per shape).
 
 Output: tables on stdout, ``<out>.json`` and ``<out>.md`` (default ``bench/results/mixllm_cpu``). ``--quick``
@@ -105,19 +111,23 @@ def mixllm_method(layer: MixLLMLayer, p: float, cold: int) -> Method:
     return method
 
 
-def time_interleaved(methods: list[Method], xs: list[torch.Tensor], warmup: int, reps: int) -> list[float]:
-    """Median ms of one call per method, the methods called in turn within every round (see the docstring)."""
+def time_interleaved(methods: list[Method], xs: list[torch.Tensor], warmup: int,
+                     reps: int) -> list[tuple[float, float]]:
+    """``(wall ms, thread CPU ms)`` medians of one call per method, the methods called in turn within every
+    round (see the docstring)."""
     inputs = [[x.to(method.x_dtype) for x in xs] for method in methods]
-    times: list[list[float]] = [[] for _ in methods]
+    wall: list[list[float]] = [[] for _ in methods]
+    cpu: list[list[float]] = [[] for _ in methods]
     for i in range(warmup + reps):
         for j, method in enumerate(methods):
             x = inputs[j][i % len(xs)]
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             method.call(x, i % method.copies)
-            elapsed = time.perf_counter() - t0
+            t1, c1 = time.perf_counter(), time.thread_time()
             if i >= warmup:
-                times[j].append(elapsed)
-    return [statistics.median(t) * 1e3 for t in times]
+                wall[j].append(t1 - t0)
+                cpu[j].append(c1 - c0)
+    return [(statistics.median(w) * 1e3, statistics.median(c) * 1e3) for w, c in zip(wall, cpu)]
 
 
 def run_shape(n: int, k: int, args: argparse.Namespace, unavailable: dict[str, str]) -> list[dict]:
@@ -141,29 +151,35 @@ def run_shape(n: int, k: int, args: argparse.Namespace, unavailable: dict[str, s
         methods.append(method)
     rows = []
     for m in args.batch:
-        ms = dict(zip((method.name for method in methods), time_interleaved(methods, xs[m], args.warmup, args.reps)))
+        measured = time_interleaved(methods, xs[m], args.warmup, args.reps)
+        ms = {method.name: t for method, t in zip(methods, measured)}
+        clock = 1 if args.threads == 1 else 0  # which of (wall, CPU) the ratios use
         for method in methods:
+            wall, cpu = ms[method.name]
             rows.append({"n": n, "k": k, "m": m, "method": method.name,
                          "effective_bits": 8 * method.weight_bytes / (n * k), "code_bits": method.code_bits,
-                         "ms": ms[method.name], "weight_bytes": method.weight_bytes,
-                         "gbps": method.weight_bytes / ms[method.name] / 1e6, "speedup": ms["fp32"] / ms[method.name],
+                         "ms": wall, "cpu_ms": cpu, "weight_bytes": method.weight_bytes,
+                         "gbps": method.weight_bytes / ms[method.name][clock] / 1e6,
+                         "speedup": ms["fp32"][clock] / ms[method.name][clock],
                          "rel_err": method.rel_err, "copies": method.copies})
-        print(f"  {n}x{k} M={m}: " + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items()), flush=True)
+        print(f"  {n}x{k} M={m}: " + ", ".join(f"{name} {w:.3f} ms (cpu {c:.3f})" for name, (w, c) in ms.items()),
+              flush=True)
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per shape, M and MixLLM variant: ms and the ratios to each peer (peer ms / mixllm ms; > 1: MixLLM faster)."""
+def summarize(rows: list[dict], clock: str) -> list[dict]:
+    """Per shape, M and MixLLM variant: its time and the ratios to each peer on the ``clock`` field (``ms`` or
+    ``cpu_ms``): peer time / MixLLM time, > 1: MixLLM faster."""
     by = {(r["n"], r["k"], r["m"], r["method"]): r for r in rows}
     out = []
     for r in rows:
         if not r["method"].startswith("mixllm"):
             continue
         entry = {"n": r["n"], "k": r["k"], "m": r["m"], "method": r["method"], "effective_bits": r["effective_bits"],
-                 "ms": r["ms"]}
+                 "ms": r["ms"], "cpu_ms": r["cpu_ms"]}
         for peer in PEERS:
             other = by.get((r["n"], r["k"], r["m"], peer))
-            entry[f"{peer}_ms_over_mixllm_ms"] = other["ms"] / r["ms"] if other else None
+            entry[f"{peer}_over_mixllm"] = other[clock] / r[clock] if other else None
         out.append(entry)
     return out
 
@@ -184,6 +200,7 @@ def metadata(args: argparse.Namespace) -> dict:
             "warmup": args.warmup, "reps": args.reps, "quick": args.quick,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "baseline": "fp32: torch.nn.functional.linear(x, W), W float32 [N, K] contiguous",
+            "ratio_clock": "thread CPU time (cpu_ms)" if args.threads == 1 else "wall time (ms)",
             "load_avg_before": list(os.getloadavg())}
 
 
@@ -193,20 +210,22 @@ def markdown(rows: list[dict], summary: list[dict], meta: dict) -> str:
             f"cold (copies cycled over {meta['cold_bytes'] / 2**20:.0f} MiB); load average (1, 5, 15 min) before "
             f"{', '.join(f'{v:.2f}' for v in meta['load_avg_before'])}, after "
             f"{', '.join(f'{v:.2f}' for v in meta['load_avg_after'])} (shared machine). Command: "
-            f"`{meta['command']}`. speedup = fp32 ms / ms; rel err = output error vs fp32 `x @ W.T`.\n\n")
+            f"`{meta['command']}`. Ratios (speedup = fp32 time / time, GB/s) on {meta['ratio_clock']}; rel err = "
+            "output error vs fp32 `x @ W.T`.\n\n")
     if meta["unavailable"]:
         head += "Unavailable: " + "; ".join(f"{k}: {v}" for k, v in meta["unavailable"].items()) + "\n\n"
-    header = ("shape (N×K)", "M", "method", "effective bits", "ms", "GB/s", "speedup", "rel err")
+    header = ("shape (N×K)", "M", "method", "effective bits", "wall ms", "CPU ms", "GB/s", "speedup", "rel err")
     cells = [(f"{r['n']}×{r['k']}", f"{r['m']}", r["method"], f"{r['effective_bits']:.3f}", f"{r['ms']:.3f}",
-              f"{r['gbps']:.1f}", f"{r['speedup']:.2f}", f"{r['rel_err']:.1e}") for r in rows]
+              f"{r['cpu_ms']:.3f}", f"{r['gbps']:.1f}", f"{r['speedup']:.2f}", f"{r['rel_err']:.1e}") for r in rows]
     lines = [head, *markdown_table(header, cells, text_columns=(0, 2)), "",
-             "Ratios (peer ms / MixLLM ms; > 1: MixLLM faster):", ""]
+             f"Ratios on {meta['ratio_clock']} (peer time / MixLLM time; > 1: MixLLM faster):", ""]
 
     def fmt(v: float | None) -> str:
         return "—" if v is None else f"{v:.2f}"
-    header = ("shape (N×K)", "M", "method", "ms", "fp32 / it", "int8 / it", "int4-g128 / it")
-    cells = [(f"{s['n']}×{s['k']}", f"{s['m']}", s["method"], f"{s['ms']:.3f}", fmt(s["fp32_ms_over_mixllm_ms"]),
-              fmt(s["int8_ms_over_mixllm_ms"]), fmt(s["int4-g128_ms_over_mixllm_ms"])) for s in summary]
+    header = ("shape (N×K)", "M", "method", "wall ms", "CPU ms", "fp32 / it", "int8 / it", "int4-g128 / it")
+    cells = [(f"{s['n']}×{s['k']}", f"{s['m']}", s["method"], f"{s['ms']:.3f}", f"{s['cpu_ms']:.3f}",
+              fmt(s["fp32_over_mixllm"]), fmt(s["int8_over_mixllm"]), fmt(s["int4-g128_over_mixllm"]))
+             for s in summary]
     lines += markdown_table(header, cells, text_columns=(0, 2))
     return "\n".join(lines) + "\n"
 
@@ -245,7 +264,7 @@ def main() -> None:
             rows += run_shape(n, k, args, unavailable)
             load_by_shape[f"{n}x{k}"] = list(os.getloadavg())
     meta.update(load_avg_after=list(os.getloadavg()), load_avg_after_each_shape=load_by_shape, unavailable=unavailable)
-    summary = summarize(rows)
+    summary = summarize(rows, "cpu_ms" if args.threads == 1 else "ms")
     table = markdown(rows, summary, meta)
     print("\n" + table)
     write_json_and_markdown({"meta": meta, "rows": rows, "summary": summary}, table, out)
