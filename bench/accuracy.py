@@ -6,7 +6,8 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/
                           fp16 scale + B-bit zero per group), no calibration.
     gptq:b<B>:g<G>        uniform GPTQ: same grids as RTN (static groups, fitted on the original weights),
                           error feedback from ``cmpq_kernels.quantize.gptq`` (the code CMPQ uses) in
-                          act-order, calibration and block-sequential pipeline of ``quantize_model``.
+                          act-order, calibration and block-sequential pipeline of ``quantize_model``
+                          (``quantize_blocks``, so B may be 2..8: ``gptq:b8:g128`` is the W8 peer of MixLLM).
     squeezellm:<B>        SqueezeLLM-style: one width B for every channel, CMPQ's weighted k-means codebooks
                           and both outlier kinds, no error feedback.
     cmpq:<bits>           CMPQ, paper allocator, one codebook per row, error feedback.
@@ -19,6 +20,14 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/
                           (``QuantOptions.effective_bits``; the code bits are chosen per layer);
                           ``cmpq-eff-paper-r1:<E>`` the paper allocator with one row per codebook at that budget;
                           ``cmpq-auto:<E>`` allocator and rows per codebook chosen per layer by measured error.
+    mixllm:p<P>           MixLLM (``quantize_model_mixllm``, docs/DESIGN.md §9): the top P % of all output channels
+                          by global salience at 8 bits, the rest at 4 bits, **8-bit activations** (A8):
+                          p0 = W4A8, p10 = W4.4A8 (the paper's default), p100 = W8A8. Evaluated through the
+                          real ``MixLLMLinear`` op, since A8 quantizes the activations inside it.
+    mixllm-a16:p<P>       the same weights with unquantized activations (``act_bits=16``), also through the op
+                          (whose A16 path is the exactly dequantized weight times FP32 activations).
+    mixllm-layer:p<P>     salience ablation: each layer's own top P % rows at 8 bits (``salience_scope="layer"``).
+    mixllm-nofirst:p<P>   salience ablation: ranked by ``|s^2 / 2|`` without the first-order term.
 Optional peers, calibration-free, each package's own quantize + dequantize on CPU (the packages are
 optional: ``pip install bitsandbytes`` and ``DISABLE_CUDA=1 pip install --no-deps hqq termcolor`` --
 hqq's sdist otherwise tries to build CUDA kernels and pulls transformers<5; it needs only torch, numpy
@@ -35,7 +44,9 @@ does not divide in_features a group straddles two rows (SmolLM2's 576 with G=128
 Effective bits (honest storage per quantized weight, decoder-block linears only; embeddings, norms and
 lm_head stay FP32 for every method): CMPQ counts codes, all three fp16 codebooks per row, outlier values,
 int16 column indices and int32 row pointers, and the int32 perm (``CMPQLayer.effective_bits``); RTN/GPTQ
-count B bits per weight + (16 + B) bits per group of G (fp16 scale, B-bit zero). The peers count the
+count B bits per weight + (16 + B) bits per group of G (fp16 scale, B-bit zero); MixLLM counts codes, fp16
+scales, packed 4-bit zeros and int32 row indices (``MixLLMLayer.effective_bits``; every decoder-block linear
+must be quantized, which the bench checks, so no FP layer is left out of the average). The peers count the
 tensors the package actually keeps (:func:`stored_bits`), summed over all layers:
     hqq                   the packed codes + an fp16 scale and an fp16 zero per group (hqq 0.2.8 ignores
                           quant_scale/quant_zero, and keeps the zero in fp16 even when rounded):
@@ -56,7 +67,7 @@ Method
       windows of the first ``--eval-tokens`` tokens.
     * Quantized layers are evaluated as dense FP32 ``nn.Linear`` holding the dequantized weight
       (``reference.dequantize``): the same numbers as the CMPQ kernels up to FP32 summation order, and
-      much faster on this CPU.
+      much faster on this CPU. MixLLM rows run the real ``MixLLMLinear`` op (CPU kernels).
     * ``torch.set_num_threads(--threads)``; timings are wall-clock on a shared machine.
     * Results accumulate in ``bench/results/accuracy_<model>.json`` (finished methods are skipped on
       rerun); the markdown table and the PNG plot are rewritten from it at the end.
@@ -87,7 +98,9 @@ from cmpq_kernels.models import load_gguf_model
 from cmpq_kernels.perplexity import perplexity
 from cmpq_kernels.surgery import replace_module
 from cmpq_kernels.quantize import quantize_model
-from cmpq_kernels.quantize.calibrate import LayerStats
+from cmpq_kernels.quantize.calibrate import LayerStats, calibration_ids, find_blocks, linear_layers
+from cmpq_kernels.quantize.mixllm import quantize_model_mixllm
+from cmpq_kernels.quantize.model import quantize_blocks
 from cmpq_kernels.quantize.gptq import quantize_with_feedback
 
 DEFAULT_METHODS = ["fp32", "rtn:b4:g128", "rtn:b3:g128", "gptq:b4:g128", "gptq:b3:g128", "gptq:b4:g64",
@@ -183,7 +196,6 @@ def peer_quantizer(spec: str) -> PeerQuantizer:
 
 def replace_block_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> None:
     """Replace every decoder-block linear of ``model`` by ``make(name, linear)`` (no calibration)."""
-    from cmpq_kernels.quantize.calibrate import find_blocks, linear_layers
     path, blocks = find_blocks(model)
     for name, lin in linear_layers(blocks, f"{path}.").items():
         replace_module(model, name, make(name, lin))
@@ -214,6 +226,26 @@ def densify(model: nn.Module) -> None:
                                                    None if layer.bias is None else layer.bias.float()))
 
 
+#: MixLLM spec kind -> (act_bits, salience_scope, first_order).
+MIXLLM_KINDS = {"mixllm": (8, "global", True), "mixllm-a16": (16, "global", True),
+                "mixllm-layer": (8, "layer", True), "mixllm-nofirst": (8, "global", False)}
+
+
+def run_mixllm(kind: str, p: float, model: nn.Module, tokenizer, calib: str, args) -> dict:
+    """MixLLM in place (``MixLLMLinear`` modules stay: the op is what is evaluated); its report fields."""
+    act_bits, scope, first_order = MIXLLM_KINDS[kind]
+    path, blocks = find_blocks(model)
+    block_weights = sum(lin.weight.numel() for lin in linear_layers(blocks, f"{path}.").values())
+    report = quantize_model_mixllm(model, [calib], p, tokenizer=tokenizer, n_samples=args.calib_samples,
+                                   seq_len=args.calib_len, seed=0, act_bits=act_bits, salience_scope=scope,
+                                   first_order=first_order, progress=False)
+    if report.weights != block_weights:  # an FP layer left out would make the bit average dishonest
+        raise RuntimeError(f"MixLLM quantized {report.weights} of {block_weights} decoder-block weights")
+    return {"effective_bits": report.effective_bits, "code_bits": report.code_bits,
+            "stage_seconds": report.stage_seconds, "rows_8bit": sum(l["rows_8bit"] for l in report.layers),
+            "rows": sum(l["shape"][0] for l in report.layers), "act_bits": act_bits}
+
+
 def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict:
     """Quantize ``model`` in place per ``spec``; return its report fields."""
     kind, _, rest = spec.partition(":")
@@ -231,13 +263,24 @@ def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict
             return dense_like(lin, w, lin.bias)
         replace_block_linears(model, make)
         return {"effective_bits": totals["all"] / totals["weights"], "code_bits": totals["code"] / totals["weights"]}
+    if kind in MIXLLM_KINDS:
+        if not rest.startswith("p"):
+            raise SystemExit(f"{spec}: expected {kind}:p<percent of 8-bit rows>, e.g. {kind}:p10")
+        return run_mixllm(kind, float(rest[1:]), model, tokenizer, calib, args)
     if kind in ("rtn", "gptq"):
         b, g = (int(p[1:]) for p in rest.split(":"))
+        if not 2 <= b <= 8:
+            raise SystemExit(f"{spec}: bits must be in 2..8")
         quantizer = uniform_layer_quantizer(b, g, kind == "gptq")
         if kind == "rtn":  # no calibration: quantize every block linear directly
             replace_block_linears(model, lambda name, lin: quantizer(name, lin, None, None)[0])
             return {"effective_bits": b + (16 + b) / g, "code_bits": float(b)}
-        report = quantize_model(model, [calib], float(b), layer_quantizer=quantizer, **common)
+        # The shared block pipeline directly: quantize_model's bit budget (2..4, for CMPQ's allocator) means
+        # nothing to a uniform quantizer, and 8-bit GPTQ is MixLLM's W8 peer.
+        times: dict[str, float] = {}
+        ids = calibration_ids([calib], tokenizer, args.calib_samples, args.calib_len, 0)
+        quantize_blocks(model, ids, quantizer, float(b), times, hessian=True, progress=False)
+        return {"effective_bits": b + (16 + b) / g, "code_bits": float(b), "stage_seconds": times}
     else:
         bits = float(rest)
         # Spelled out against the paper's settings, so a spec keeps its meaning when quantize_model's defaults

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -233,3 +236,38 @@ def test_budget():
     now[0] = 111.0
     assert b.exceeded() and b.elapsed() == 11
     assert gpu_results.Budget(None).remaining() == math.inf and gpu_results.Budget(0).remaining() == math.inf
+
+
+# ---- bench_mixllm_cpu.py --------------------------------------------------------------------------------
+
+
+def test_mixllm_cpu_bench_quick_writes_complete_json(tmp_path):
+    out = tmp_path / "mixllm_cpu"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH_DIR.parent), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(BENCH_DIR / "bench_mixllm_cpu.py"), "--quick", "--out", str(out)], env=env,
+                   check=True, capture_output=True, timeout=600)
+    doc = strict_json(out.with_suffix(".json"))
+    meta, rows = doc["meta"], doc["rows"]
+    assert meta["threads"] == 1 and meta["quick"] is True and isinstance(meta["unavailable"], dict)
+    assert len(meta["load_avg_before"]) == len(meta["load_avg_after"]) == 3
+    measured = {r["method"] for r in rows}
+    assert {"fp32", "mixllm-p0", "mixllm-p10"} <= measured
+    assert measured | set(k.split()[0] for k in meta["unavailable"]) == {"fp32", "int8", "int4-g128", "mixllm-p0",
+                                                                       "mixllm-p10"}
+    cases = {(r["n"], r["k"], r["m"], r["method"]) for r in rows}
+    assert len(cases) == len(rows) == 2 * 2 * len(measured)  # two quick shapes x M in (1, 4), each once
+    by = {(r["n"], r["k"], r["m"], r["method"]): r for r in rows}
+    for r in rows:  # one thread: ratios on the thread's CPU time, which the scheduler's slices do not inflate
+        assert r["ms"] > 0 and r["cpu_ms"] > 0
+        assert r["speedup"] == pytest.approx(by[r["n"], r["k"], r["m"], "fp32"]["cpu_ms"] / r["cpu_ms"])
+    # 256 x 512: 4-bit codes + fp16 scale and 4-bit zero per 128 weights + an int32 row index per 512 weights;
+    # p10 moves round(25.6) = 26 rows to 8-bit codes + fp16 scales.
+    assert by[256, 512, 1, "mixllm-p0"]["effective_bits"] == 4 + 20 / 128 + 32 / 512
+    assert by[256, 512, 1, "mixllm-p10"]["effective_bits"] == pytest.approx(
+        (230 * (4 + 20 / 128) + 26 * (8 + 16 / 128)) / 256 + 32 / 512)
+    assert by[256, 512, 1, "mixllm-p10"]["rel_err"] < 0.2  # a W4A8 layer of the same weights, not garbage
+    summary = {(s["n"], s["k"], s["m"], s["method"]): s for s in doc["summary"]}
+    s = summary[512, 256, 4, "mixllm-p10"]
+    assert s["fp32_over_mixllm"] == pytest.approx(by[512, 256, 4, "fp32"]["cpu_ms"] / s["cpu_ms"])
+    assert meta["ratio_clock"].startswith("thread CPU time")
+    assert "mixllm-p10" in out.with_suffix(".md").read_text()

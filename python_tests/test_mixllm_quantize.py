@@ -104,24 +104,72 @@ def test_select_eight_bit_ranks_all_layers_together():
             mq.check_p(bad)
 
 
-def test_salience_matches_the_explicit_gradient_product():
+def test_layer_scope_gives_each_layer_its_own_top_p():
+    # Global ranking would give "b" (all larger) every 8-bit row; per layer each gets round(p / 100 * n) rows.
+    sal = {"a": torch.tensor([0.1, 0.4, 0.2, 0.3, 0.0]), "b": torch.tensor([9.0, 7.0, 8.0, 6.0, 5.0, 10.0, 4.0, 3.0,
+                                                                              2.0, 1.0])}
+    glob = mq.select_eight_bit(sal, 40)
+    assert int(glob["a"].sum()) == 0 and int(glob["b"].sum()) == 6
+    local = mq.select_eight_bit(sal, 40, "layer")
+    assert local["a"].tolist() == [False, True, False, True, False]
+    assert local["b"].nonzero().reshape(-1).tolist() == [0, 1, 2, 5]
+    with pytest.raises(ValueError, match="salience_scope"):
+        mq.select_eight_bit(sal, 40, "block")
+
+
+def test_first_order_off_ranks_by_the_squared_term_alone():
     model = tiny_llama()
-    name = "model.layers.1.mlp.down_proj"
-    lin = model.get_submodule(name)
+    name = "model.layers.0.mlp.down_proj"
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(7))
-    fast = mq.channel_salience(model, {name: lin}, ids, batch_size=2, progress=False)[name]
-    delta = mq.rtn4_delta(lin.weight)
-    expected = torch.zeros(lin.out_features, dtype=torch.float64)
-    for seq in ids:  # G = grad_out^T X per sequence, s = sum over the row of G * delta
+    s = explicit_s(model, name, ids)
+    lin = {name: model.get_submodule(name)}
+    without = mq.channel_salience(model, lin, ids, batch_size=2, progress=False, first_order=False)[name]
+    assert torch.allclose(without, (0.5 * s * s).mean(0), rtol=1e-4, atol=1e-15)
+    full = mq.channel_salience(model, lin, ids, batch_size=2, progress=False)[name]
+    # The first-order term dominates (|s| << 1), so mean |s + s^2/2| and mean s^2/2 rank the channels differently.
+    assert not torch.equal(torch.argsort(full), torch.argsort(without))
+    with pytest.raises(TypeError, match="first_order"):
+        mq.channel_salience(model, lin, ids, progress=False, first_order=1)
+
+
+def test_quantize_model_mixllm_salience_options():
+    model = tiny_llama()
+    report = mq.quantize_model_mixllm(model, calibration(), 10, n_samples=4, seq_len=64, min_dim=64,
+                                      salience_scope="layer", first_order=False, progress=False)
+    assert [r["rows_8bit"] for r in report.layers] == [round(0.1 * r["shape"][0]) for r in report.layers]
+    assert report.settings["salience_scope"] == "layer" and report.settings["first_order"] is False
+    for bad, err in (({"salience_scope": "model"}, ValueError), ({"first_order": "no"}, TypeError)):
+        fresh = tiny_llama()
+        with pytest.raises(err):
+            mq.quantize_model_mixllm(fresh, calibration(), 10, n_samples=2, seq_len=64, progress=False, **bad)
+        assert not any(isinstance(m, MixLLMLinear) for m in fresh.modules())
+
+
+def explicit_s(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """``s`` per sequence and output channel of ``name`` (float64 ``[sequences, n]``), the slow way: one sequence
+    at a time, ``G = grad_out^T X``, ``s = sum over the row of G * delta``."""
+    lin = model.get_submodule(name)
+    delta = mq.rtn4_delta(lin.weight).double()
+    rows = []
+    for seq in ids:
         captured = {}
         handle = lin.register_forward_hook(lambda _m, a, out: captured.update(x=a[0], y=out))
         logits = model(input_ids=seq[None], use_cache=False).logits
         handle.remove()
         loss = nn.functional.cross_entropy(logits[0, :-1], seq[1:])
         (grad,) = torch.autograd.grad(loss, captured["y"])
-        g = grad[0].T.double() @ captured["x"][0].double()
-        s = (g * delta.double()).sum(1)
-        expected += ((s + 0.5 * s * s).abs() / ids.shape[0]).detach()
+        rows.append(((grad[0].T.double() @ captured["x"][0].double()) * delta).sum(1).detach())
+    return torch.stack(rows)
+
+
+def test_salience_matches_the_explicit_gradient_product():
+    model = tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    lin = model.get_submodule(name)
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(7))
+    fast = mq.channel_salience(model, {name: lin}, ids, batch_size=2, progress=False)[name]
+    s = explicit_s(model, name, ids)
+    expected = (s + 0.5 * s * s).abs().mean(0)
     assert torch.allclose(fast, expected, rtol=1e-4, atol=1e-12) and float(expected.max()) > 0
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 

@@ -5,10 +5,13 @@
    batch on the LM loss (each sequence's mean token loss, summed over the batch, so a sequence's gradient does
    not depend on the batch size). For output channel ``c`` of a linear with input ``X`` and output gradient
    ``g``, ``s = sum_t g[t, c] * (X[t] . delta_c)`` with ``delta = RTN4(W) - W`` (which equals
-   ``sum (g^T X) * delta`` over row ``c``), and ``S_c = mean over sequences of |s + s^2 / 2|``. This pass holds
-   the whole model and its autograd graph for one batch (the models here are small).
+   ``sum (g^T X) * delta`` over row ``c``), and ``S_c = mean over sequences of |s + s^2 / 2|`` (the paper's
+   first-order + second-order estimate of the loss change; ``first_order=False`` keeps only ``|s^2 / 2|``, an
+   ablation). This pass holds the whole model and its autograd graph for one batch (the models here are small).
 2. **Allocation**: every output channel of every decoder linear is ranked together by ``S_c``; the top ``p`` % of
-   all channels become 8-bit. Linears with ``min(n, k) <= min_dim`` (64) stay in floating point.
+   all channels become 8-bit (``salience_scope="global"``, the paper's choice: layers that matter more get more
+   8-bit rows), or, as an ablation, each layer's own top ``p`` % of its rows (``salience_scope="layer"``).
+   Linears with ``min(n, k) <= min_dim`` (64) stay in floating point.
 3. **Per layer**, block by block through the shared pipeline (:func:`~.model.quantize_blocks`, with ``X^T X``):
    each part (8-bit rows, 4-bit rows) gets per-row, per-group grids; a clipping search picks per row and group the
    range ratio in 0.80..1.00 (step 0.02) with the lowest ``|| X delta_g^T ||^2``; GPTQ
@@ -22,7 +25,7 @@ represented, and the zero point ``round(-min / scale)`` lands in [0, 15].
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -38,6 +41,8 @@ DEFAULT_P = 10.0
 MIN_DIM = 64
 CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00 first: ties keep the unclipped range
 _FP16_MAX = 65504.0
+SALIENCE_SCOPES = ("global", "layer")
+SalienceScope = Literal["global", "layer"]
 
 
 # ---- grids ------------------------------------------------------------------------------------------------
@@ -191,11 +196,18 @@ def eligible(linear: nn.Linear, min_dim: int = MIN_DIM) -> bool:
     return min(linear.in_features, linear.out_features) > min_dim
 
 
+def _check_first_order(first_order: bool) -> None:
+    if not isinstance(first_order, bool):  # a truthy string or 0/1 would silently pick a formula
+        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__} {first_order!r}")
+
+
 def channel_salience(model: nn.Module, linears: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int = 4,
-                     progress: bool = True) -> dict[str, torch.Tensor]:
+                     progress: bool = True, first_order: bool = True) -> dict[str, torch.Tensor]:
     """``S_c`` (float64 ``[n]``) per linear by name, from one forward + backward pass per batch of ``ids`` through
-    the unquantized ``model`` (see the module docstring). Holds the whole model and one batch's autograd graph;
+    the unquantized ``model`` (see the module docstring): ``|s + s^2 / 2|`` per sequence, or ``|s^2 / 2|`` without
+    the first-order term (``first_order=False``). Holds the whole model and one batch's autograd graph;
     parameters get no gradients (their ``requires_grad`` flags are restored)."""
+    _check_first_order(first_order)
     deltas = {name: rtn4_delta(lin.weight) for name, lin in linears.items()}
     totals = {name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in linears.items()}
 
@@ -208,7 +220,7 @@ def channel_salience(model: nn.Module, linears: dict[str, nn.Linear], ids: torch
             def on_grad(grad: torch.Tensor) -> None:
                 d = x.float() @ deltas[name].to(x.device).T  # [batch, tokens, n]
                 s = (grad.float() * d).sum(1).double().cpu()  # per sequence and channel
-                totals[name] += (s + 0.5 * s * s).abs().sum(0)
+                totals[name] += ((s if first_order else 0.0) + 0.5 * s * s).abs().sum(0)
             output.register_hook(on_grad)
         return hook
 
@@ -240,15 +252,30 @@ def check_p(p: float) -> float:
     return float(p)
 
 
-def select_eight_bit(salience: dict[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:
-    """Bool masks of the output channels kept at 8 bits: the top ``p`` % of all channels of all layers by salience
-    (``round(p / 100 * channels)`` of them)."""
-    p = check_p(p)
+def check_scope(scope: str) -> SalienceScope:
+    """``scope`` unchanged, or ``ValueError`` unless it is one of :data:`SALIENCE_SCOPES`."""
+    if scope not in SALIENCE_SCOPES:
+        raise ValueError(f"salience_scope must be one of {SALIENCE_SCOPES}, got {scope!r}")
+    return scope
+
+
+def _top(values: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool mask of the ``round(p / 100 * len)`` largest ``values``."""
+    chosen = torch.zeros(values.numel(), dtype=torch.bool)
+    chosen[torch.topk(values, round(p / 100 * values.numel())).indices] = True
+    return chosen
+
+
+def select_eight_bit(salience: dict[str, torch.Tensor], p: float,
+                     scope: SalienceScope = "global") -> dict[str, torch.Tensor]:
+    """Bool masks of the output channels kept at 8 bits, by salience: the top ``p`` % of all channels of all layers
+    (``round(p / 100 * channels)`` of them) for ``scope="global"``, or each layer's own top ``p`` %
+    (``round(p / 100 * n)`` rows of every layer) for ``scope="layer"``."""
+    p, scope = check_p(p), check_scope(scope)
+    if scope == "layer":
+        return {name: _top(s, p) for name, s in salience.items()}
     names = list(salience)
-    flat = torch.cat([salience[n] for n in names])
-    count = round(p / 100 * flat.numel())
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.topk(flat, count).indices] = True
+    chosen = _top(torch.cat([salience[n] for n in names]), p)
     return dict(zip(names, chosen.split([salience[n].numel() for n in names])))
 
 
@@ -274,6 +301,7 @@ def mixllm_layer_quantizer(eight_bit: dict[str, torch.Tensor], act_bits: int = 8
 def quantize_model_mixllm(model: nn.Module, calibration: Calibration, p: float = DEFAULT_P, *, tokenizer: Any = None,
                           n_samples: int = 128, seq_len: int = 512, seed: int = 0, act_bits: int = 8,
                           min_dim: int = MIN_DIM, batch_size: int = 8, salience_batch_size: int = 4,
+                          salience_scope: SalienceScope = "global", first_order: bool = True,
                           progress: bool = True) -> QuantReport:
     """Quantize the decoder-block linears of ``model`` with MixLLM in place; return a :class:`~.model.QuantReport`.
 
@@ -289,10 +317,16 @@ def quantize_model_mixllm(model: nn.Module, calibration: Calibration, p: float =
         min_dim: linears with ``min(n, k) <= min_dim`` stay in floating point.
         batch_size: windows per forward pass of the block-by-block calibration.
         salience_batch_size: windows per forward + backward pass of the salience pass.
+        salience_scope: ``"global"`` ranks all channels of all layers together (the paper); ``"layer"`` keeps each
+            layer's own top ``p`` % of rows at 8 bits (an ablation).
+        first_order: include the first-order term in the salience, ``|s + s^2 / 2|`` (the paper); ``False`` ranks by
+            ``|s^2 / 2|`` alone (an ablation).
         progress: show progress bars.
     """
     if act_bits not in (8, 16):
         raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+    check_scope(salience_scope)
+    _check_first_order(first_order)
     times: dict[str, float] = {}
     start = time.perf_counter()
     ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
@@ -308,13 +342,14 @@ def quantize_model_mixllm(model: nn.Module, calibration: Calibration, p: float =
     check_finite(model)
     check_token_ids(model, ids)
     p = check_p(p)
-    salience = channel_salience(model, linears, ids, salience_batch_size, progress)
-    eight_bit = select_eight_bit(salience, p)
+    salience = channel_salience(model, linears, ids, salience_batch_size, progress, first_order)
+    eight_bit = select_eight_bit(salience, p, salience_scope)
     times["salience"] = time.perf_counter() - start
     records = quantize_blocks(model, ids, mixllm_layer_quantizer(eight_bit, act_bits), 4 + 4 * p / 100, times,
                               hessian=True, batch_size=batch_size, progress=progress)
     times["total"] = time.perf_counter() - start
     settings = {"method": "mixllm", "p": p, "act_bits": act_bits, "min_dim": min_dim, "group": GROUP,
+                "salience_scope": salience_scope, "first_order": first_order,
                 "clip_ratios": list(CLIP_RATIOS), "damp": DEFAULT_DAMP,
                 "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": seed}}
     return QuantReport(4 + 4 * p / 100, records, times, settings)
