@@ -110,8 +110,8 @@ def plan_widths(s2: torch.Tensor, weights: Sequence[torch.Tensor], target: float
     k = weights[0].shape[1]
     ladder = UpgradeLadder(s2, torch.cat([w.float() for w in weights]), options.allocator)
     rows = [w.shape[0] for w in weights]
-    fits = [u for u in range(ladder.steps + 1)
-            if all(stored_bits(n, k, ladder.segments(u), options) <= target * n * k for n in rows)]
+    fits = [u for u, seg_k in ((u, ladder.segments(u)) for u in range(ladder.steps + 1))
+            if all(stored_bits(n, k, seg_k, options) <= target * n * k for n in rows)]
     if not fits:
         raise ValueError(f"effective_bits {target:g} is below what every-channel-2-bit stores for layers of "
                          f"{rows} x {k}")
