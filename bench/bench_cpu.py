@@ -298,7 +298,9 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def metadata(args: argparse.Namespace) -> dict:
+def machine_metadata(args: argparse.Namespace) -> dict:
+    """What every CPU benchmark records: date, versions, the CPU and its ISAs, threads, and the timing settings
+    (``args``: ``cold_bytes``, ``warmup``, ``reps``, ``quick``)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -309,7 +311,6 @@ def metadata(args: argparse.Namespace) -> dict:
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cpu_isas": list(torch.ops.cmpq.cpu_isas()),
-        "isas_timed": list(args.isas),
         "llc_bytes": llc_bytes(),
         "cold_bytes": args.cold_bytes,
         "python": platform.python_version(),
@@ -317,8 +318,11 @@ def metadata(args: argparse.Namespace) -> dict:
         "reps": args.reps,
         "quick": args.quick,
         "baseline": "fp32: torch.nn.functional.linear(x, W), W float32 [N, K] contiguous",
-        "load_avg_at_start": os.getloadavg(),
     }
+
+
+def metadata(args: argparse.Namespace) -> dict:
+    return {**machine_metadata(args), "isas_timed": list(args.isas), "load_avg_at_start": os.getloadavg()}
 
 
 def markdown(rows: list[dict], summary: list[dict], meta: dict) -> str:

@@ -47,25 +47,21 @@ Output: tables on stdout, ``<out>.json`` and ``<out>.md`` (default ``bench/resul
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
-import cmpq_kernels
-from bench_common import cpu_model, markdown_table, parse_batches, parse_shapes, write_json_and_markdown
-from bench_cpu import Method, cpu_flags, llc_bytes, make_peer, n_copies, rel_err
+from bench_common import markdown_table, parse_batches, parse_shapes, write_json_and_markdown
+from bench_cpu import Method, cpu_flags, llc_bytes, machine_metadata, make_peer, n_copies, rel_err
 from cmpq_kernels import mixllm_reference, ops
 from cmpq_kernels.mixllm_format import MixLLMLayer
 from cmpq_kernels.quantize.mixllm import group_params, rtn_codes
@@ -192,14 +188,8 @@ def mixllm_isa() -> str:
 
 
 def metadata(args: argparse.Namespace) -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "numpy": np.__version__, "cmpq_kernels": cmpq_kernels.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpu_isas": list(torch.ops.cmpq.cpu_isas()),
-            "mixllm_isa": mixllm_isa(), "llc_bytes": llc_bytes(), "cold_bytes": args.cold_bytes,
-            "warmup": args.warmup, "reps": args.reps, "quick": args.quick,
+    return {**machine_metadata(args), "mixllm_isa": mixllm_isa(),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "baseline": "fp32: torch.nn.functional.linear(x, W), W float32 [N, K] contiguous",
             "ratio_clock": "thread CPU time (cpu_ms)" if args.threads == 1 else "wall time (ms)",
             "load_avg_before": list(os.getloadavg())}
 
