@@ -15,9 +15,8 @@ What it does
      a run of read-only (``__ldg``: LDG...CONSTANT) global loads from one base register at consecutive offsets
      that together read one packed group, 4·b bytes (``load_group`` in decode.cuh: one 128-bit load for 4-bit,
      one 64-bit load for 2-bit, three 32-bit loads for 3-bit); a thread may load several groups from one base
-     at immediate offsets. The decode kernel is mixed-width through ``with_segment_bits``: one loop whose body
-     branches, per group, to one of three decode bodies, the same loop for every width. The GEMV and the
-     GEMM (the same K loop, ``tile_decode.cuh``) run one loop per segment.
+     at immediate offsets. The GEMV, the GEMM and the decode (the same K split, ``tile_decode.cuh``) run one
+     loop per segment.
   5. Counts one iteration of that loop per width: the cheapest path through one iteration (back edges
      removed) that passes every width-b weight load and every staging loop. The cheapest path skips what
      the steady state never runs: rows or groups out of range, the other widths, and the peeled remainder
@@ -33,7 +32,8 @@ What it does
          separate kernel, so no staging.
        gemm<T, MT>: the same, with its own kLaneGroups (4 at MT = 1, else 1) and every decoded fragment
          feeding 2 · MT n8 batch tiles; x was gathered by the same separate kernel, so no staging.
-       decode<T>: one group per thread per iteration, so kGroupCodes weights, and no staging.
+       decode<T>: the GEMV's split, kLaneGroups groups of each of its kLaneRows rows per lane, stored instead
+         of multiplied; no staging.
      The constants are read from the ``.cu`` files (and the local headers they include, first) and template
      arguments from the symbol names. The
      weight-load bytes on the path must equal weights · b / 8, which cross-checks both.
@@ -63,6 +63,10 @@ The two SM-side bounds are scaled by the block balance: the busiest SM runs ceil
 The prediction is the smallest bound, and ``predicted_hbm_fraction`` is that bound divided by the HBM
 bound. ``sm_headroom`` is the tighter SM-side bound (issue or shared) divided by the HBM bound: above 1 the
 HBM bound binds, with that much to spare.
+
+Large batches (m > 128, decode + cuBLAS): :func:`predict_decoded_gemm` puts the decode's time (its own bounds, with
+the decoded tile kept in L2 or written through HBM) next to a cuBLAS FP16 GEMM's (datasheet tensor peak or HBM) for
+m in ``LARGE_M``, as extra time over cuBLAS alone.
 
 What the model cannot see is listed in ``BLIND_SPOTS`` (and printed with the report).
 
@@ -139,6 +143,7 @@ class Device:
     sms: int
     clock_hz: float           # boost clock
     hbm_bytes_per_s: float
+    tensor_flops: float       # dense FP16 tensor-core FLOP/s, FP32 accumulation (datasheet figure without sparsity)
     source: str
     schedulers_per_sm: int = 4            # each issues one warp-instruction per clock
     max_warps_per_sm: int = 64            # compute capability 9.0
@@ -161,12 +166,12 @@ class Device:
 SM90_SOURCE = ("CUDA C++ Programming Guide, compute capability 9.0 (64 warps, 32 blocks, 64 K registers, "
                "228 KB shared memory per SM; 32 banks of 4 bytes); Hopper tuning guide (4 warp schedulers per SM)")
 DEVICES = (
-    Device("H100 SXM", sms=132, clock_hz=1.98e9, hbm_bytes_per_s=3.35e12,
-           source="NVIDIA H100 Tensor Core GPU datasheet (SXM5: 132 SMs, 3.35 TB/s HBM3, 1.98 GHz boost); "
-                  + SM90_SOURCE),
-    Device("H200", sms=132, clock_hz=1.98e9, hbm_bytes_per_s=4.8e12,
-           source="NVIDIA H200 Tensor Core GPU datasheet (4.8 TB/s HBM3e; the H100's GH100 SM count and clock); "
-                  + SM90_SOURCE),
+    Device("H100 SXM", sms=132, clock_hz=1.98e9, hbm_bytes_per_s=3.35e12, tensor_flops=989.4e12,
+           source="NVIDIA H100 Tensor Core GPU datasheet (SXM5: 132 SMs, 3.35 TB/s HBM3, 1.98 GHz boost, FP16 "
+                  "tensor core 1,979 TFLOPS with sparsity = 989 dense); " + SM90_SOURCE),
+    Device("H200", sms=132, clock_hz=1.98e9, hbm_bytes_per_s=4.8e12, tensor_flops=989.4e12,
+           source="NVIDIA H200 Tensor Core GPU datasheet (4.8 TB/s HBM3e, FP16 tensor core 1,979 TFLOPS with "
+                  "sparsity; the H100's GH100 SM count and clock); " + SM90_SOURCE),
 )
 
 
@@ -618,9 +623,10 @@ FAMILIES = (
            batch_rows=lambda c: c["kBatchRows"], label=lambda c: f"MT={c['MT']}",
            dynamic_shared=lambda c: max(c["kTablesBytes"], c["kWarps"] * c["kTileRows"] * c["kBatchRows"] * 4)),
     Family("decode", "dequant.cu", "cmpq_decode_kernel",
-           weights_per_thread=lambda c: c["kGroupCodes"], staged_per_thread=lambda c: 0,
-           threads=lambda c: c["kDecodeThreads"], rows_per_block=lambda c: c["kDecodeRows"],
-           batch_rows=lambda c: None, label=lambda c: ""),
+           weights_per_thread=lambda c: c["kLaneGroups"] * c["kLaneRows"] * c["kGroupCodes"],
+           staged_per_thread=lambda c: 0,
+           threads=lambda c: c["kThreads"], rows_per_block=lambda c: c["kTileRows"],
+           batch_rows=lambda c: None, label=lambda c: "", dynamic_shared=lambda c: c["kTablesBytes"]),
 )
 INF_EXPONENT = "0x7f800000"  # fp32 infinity: marks half_bits_to_float's inf/NaN branch
 
@@ -780,8 +786,7 @@ def weight_loads(block: Block) -> list[int]:
 
 def hot_loops(cfg: ControlFlow) -> dict[int, tuple[Loop, list[int]]]:
     """Per width: the innermost loop holding weight loads of that width, and its load blocks in address order.
-    The mixed-width decode kernel dispatches per group inside one loop, the same for every width; the GEMV
-    and the GEMM run one loop per segment."""
+    Every kernel runs one loop per segment."""
     found: dict[int, tuple[Loop, list[int]]] = {}
     for loop in cfg.loops:  # smallest first
         for width in SEGMENT_BITS:
@@ -975,6 +980,41 @@ def mixllm_rows(kernels: dict[str, dict]) -> list[dict]:
             for device in DEVICES for n, k in SHAPES]
 
 
+LARGE_M = (512, 2048)  # batch rows of the large-batch (decode + cuBLAS) prediction
+
+
+def predict_decoded_gemm(decode: dict, device: Device, n: int, k: int, bits: float, m: int) -> dict:
+    """The large-batch path (m > kGemmMaxM) against cuBLAS alone on an FP16 W, as extra time over cuBLAS.
+
+    cuBLAS: the larger of its tensor-core time at the datasheet's dense FP16 peak (2·m·n·k FLOP) and its HBM
+    time (W, x and y once); the peak flatters cuBLAS, so the overhead is overstated, not understated. Decode:
+    the larger of its issue and shared-memory times (every SM busy: the launch splits K until it is) and its
+    memory time, in two cases, since whether the workspace tile (kDecodeTileBytes, 16 MiB) stays in the 50 MB
+    L2 until cuBLAS reads it is not something static counts can say: ``l2`` (only the codes come from HBM)
+    and ``hbm`` (the decoded tile is also written to HBM; cuBLAS then reads it from there, as it reads an FP16
+    W anyway). Decode and cuBLAS run one after the other on one stream."""
+    mix = width_mix(k, bits)
+    widths = decode["widths"]
+    weights = n * k
+    cublas_s = max(2 * m * weights / device.tensor_flops,
+                   2 * (weights + m * k + m * n) / device.hbm_bytes_per_s)
+    sm_s = weights * max(mixed(widths, mix, "instructions_per_weight") / device.issue_rate(),
+                         mixed(widths, mix, "shared_wavefronts_per_weight") / device.shared_rate())
+    code_bytes = sum(f * w / 8 for w, f in mix.items())
+    l2_s = max(sm_s, weights * code_bytes / device.hbm_bytes_per_s)
+    hbm_s = max(sm_s, weights * (code_bytes + mixed(widths, mix, "stg_bytes_per_weight")) / device.hbm_bytes_per_s)
+    return {"cublas_us": cublas_s * 1e6, "decode_l2_us": l2_s * 1e6, "decode_hbm_us": hbm_s * 1e6,
+            "overhead_l2": l2_s / cublas_s, "overhead_hbm": hbm_s / cublas_s}
+
+
+def decoded_gemm_rows(kernels: dict[str, dict]) -> list[dict]:
+    """Rows device x shape x bits x m (``LARGE_M``) of :func:`predict_decoded_gemm`, from decode<fp16>."""
+    decode = next(k for k in kernels.values() if k["family"] == "decode" and k["dtype"] == "fp16")
+    return [{"kernel": "decode+cublas", "device": device.name, "n": n, "k": k, "bits": bits, "m": m,
+             "label": PREDICTION_LABEL, **predict_decoded_gemm(decode, device, n, k, bits, m)}
+            for device in DEVICES for m in LARGE_M for n, k in SHAPES for bits in BITS]
+
+
 def affordable(device: Device, bits: float) -> dict[str, float]:
     """Instructions and 4-byte LDS per weight at which the issue or shared bound equals the HBM bound."""
     weights_per_s = device.hbm_bytes_per_s * 8 / bits
@@ -1084,6 +1124,19 @@ def prediction_table(rows: list[dict], device: Device) -> list[str]:
     return markdown_table(header, cells, text_columns=(0, 2))
 
 
+def decoded_gemm_table(rows: list[dict], device: Device) -> list[str]:
+    """One line per m and shape, one cell per bits: extra time over cuBLAS, L2-resident – written to HBM."""
+    lines: dict[tuple, dict] = {}
+    for r in rows:
+        if r["device"] == device.name:
+            lines.setdefault((r["m"], r["n"], r["k"]), {})[r["bits"]] = r
+    cells = [[str(m), f"{n}×{k}", f"{by_bits[3.0]['cublas_us']:.1f}",
+              *(f"+{by_bits[b]['overhead_l2']:.0%} – +{by_bits[b]['overhead_hbm']:.0%}" for b in BITS)]
+             for (m, n, k), by_bits in lines.items()]
+    return markdown_table(["m", "n × k", "cuBLAS µs (model)", *(f"{b:g} bits" for b in BITS)], cells,
+                          text_columns=(1,))
+
+
 def markdown(doc: dict) -> str:
     kernels, rows = doc["kernels"], doc["rows"]
     budget_cells = [[d.name, *(f"{affordable(d, b)['instructions_per_weight']:.2f} / "
@@ -1120,6 +1173,12 @@ def markdown(doc: dict) -> str:
                 "SM-side bound is h times the HBM bound). Last column: weight bytes in flight per SM at 3 bits, and "
                 "the DRAM latency they would cover at full bandwidth.", "",
                 *prediction_table(rows, device), ""]
+    for device in DEVICES:
+        out += [f"## {device.name}: large batches, decode + cuBLAS over cuBLAS FP16 alone ({PREDICTION_LABEL})", "",
+                f"Extra time of the decode over a cuBLAS GEMM on an FP16 W ({device.tensor_flops / 1e12:.0f} dense "
+                "FP16 TFLOPS, HBM for W, x, y): from 'the decoded 16 MiB tile stays in L2' to 'it goes through "
+                "HBM' (`predict_decoded_gemm`). Launch overheads (two launches per tile) are not counted.", "",
+                *decoded_gemm_table(doc["decoded_gemm_rows"], device), ""]
     for arch, per_arch in kernels.items():
         device = DEVICES[0] if arch == PREDICTION_ARCH else None
         out += [f"## MixLLM (`mixllm_gemm.cu`): static counts per weight, {arch}", "",
@@ -1168,7 +1227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            "devices": [vars(d) for d in DEVICES], "blind_spots": BLIND_SPOTS,
            "rows_content": ROWS_CONTENT,
            "kernels": kernels, "rows": report_rows(kernels[PREDICTION_ARCH]),
-           "mixllm_rows": mixllm_rows(kernels[PREDICTION_ARCH])}
+           "mixllm_rows": mixllm_rows(kernels[PREDICTION_ARCH]),
+           "decoded_gemm_rows": decoded_gemm_rows(kernels[PREDICTION_ARCH])}
     write_json_and_markdown(rounded(doc), markdown(doc), args.out)
     print(f"wrote {args.out}.json / .md ({len(doc['rows'])} rows; {PREDICTION_LABEL})")
     for name, kernel in kernels[PREDICTION_ARCH].items():

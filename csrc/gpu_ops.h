@@ -5,9 +5,11 @@
 // Dispatch by batch rows m (one table; thresholds to be set from GPU measurements, see README):
 //   m <= kGemvMaxM      fused GEMV (gemv.cu)
 //   m <= kGemmMaxM      tensor-core GEMM (gemm_tc.cu)
-//   otherwise           decode to a dense FP16/BF16 workspace (dequant.cu), then cuBLAS via at::mm
+//   otherwise           decode a tile of rows at a time to a dense FP16/BF16 workspace (dequant.cu), each
+//                       tile then multiplied by cuBLAS via at::mm_out
 #pragma once
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 
@@ -37,12 +39,33 @@ inline void check_status(cuda::Status status, const char* kernel, const LayerVie
               ", n=", view.n, ", k=", view.k, ")");
 }
 
-// Packed-order dense W [n, k] in `dtype` (float16 / bfloat16).
-inline at::Tensor gpu_decode_packed(const LayerView& view, const at::TensorOptions& options, cudaStream_t stream) {
-  at::Tensor w = new_output({view.n, view.k}, options);
-  check_status(cuda::launch_decode(view, w.data_ptr(), act_dtype(options.dtype().toScalarType()), stream), "decode",
+// Rows row_begin .. + rows of W in packed column order, into w (decode_rows(rows) x k, `w`'s dtype).
+inline void gpu_decode_rows(const LayerView& view, int row_begin, int rows, at::Tensor& w, cudaStream_t stream) {
+  check_status(cuda::launch_decode(view, row_begin, rows, w.data_ptr(), act_dtype(w.scalar_type()), stream), "decode",
                view, 0);
-  return w;
+}
+
+// m > kGemmMaxM: y = x[:, perm] @ W.T a tile of rows at a time, each decoded into one reused workspace and
+// multiplied by cuBLAS straight into its columns of y (a strided output; no copy).
+inline at::Tensor gpu_gemm_decoded(const at::Tensor& x, const at::Tensor& perm, const LayerView& view,
+                                   const std::optional<at::Tensor>& bias, cudaStream_t stream) {
+  const int tile_rows = cuda::decode_tile_rows(view);
+  at::Tensor workspace = new_output({cuda::decode_rows(std::min(tile_rows, view.n)), view.k}, x.options());
+  at::Tensor y = new_output({x.size(0), view.n}, x.options());
+  const at::Tensor x_packed = x.index_select(1, perm);  // int32 indices: no per-call conversion of perm
+  // cuBLAS adds bias in the activation type here: one extra rounding of bias, below the weight rounding.
+  const std::optional<at::Tensor> bias_x = bias.has_value() ? std::optional(bias->to(x.scalar_type())) : std::nullopt;
+  for (int row0 = 0; row0 < view.n; row0 += tile_rows) {
+    const int rows = std::min(tile_rows, view.n - row0);
+    gpu_decode_rows(view, row0, rows, workspace, stream);
+    at::Tensor out = y.narrow(1, row0, rows);
+    const at::Tensor w_tile = workspace.narrow(0, 0, rows).t();
+    if (bias_x.has_value())
+      at::addmm_out(out, bias_x->narrow(0, row0, rows), x_packed, w_tile);
+    else
+      at::mm_out(out, x_packed, w_tile);
+  }
+  return y;
 }
 
 // The arguments as gemm_op / dequantize_op (torch_view.h) hand them over, already checked.
@@ -66,17 +89,16 @@ inline at::Tensor gpu_gemm(const at::Tensor& x, const at::Tensor& perm, const La
                  m <= cuda::kGemvMaxM ? "gemv" : "gemm", view, m);
     return y;
   }
-  const at::Tensor w = gpu_decode_packed(view, x.options(), stream);
-  const at::Tensor x_packed = x.index_select(1, perm.to(at::kLong));
-  // cuBLAS adds bias in the activation type here: one extra rounding of bias, below the weight rounding.
-  return bias.has_value() ? at::addmm(bias->to(x.scalar_type()), x_packed, w.t()) : at::mm(x_packed, w.t());
+  return gpu_gemm_decoded(x, perm, view, bias, stream);
 }
 
 inline at::Tensor gpu_dequantize(const at::Tensor& perm, const LayerView& view, at::ScalarType dtype,
                                  cudaStream_t stream) {
   // Decoding in FP16 is exact for codebook values; only outlier sums round (once).
   const at::ScalarType decode_dtype = dtype == at::kBFloat16 ? at::kBFloat16 : at::kHalf;
-  const at::Tensor w_packed = gpu_decode_packed(view, perm.options().dtype(decode_dtype), stream);
+  at::Tensor w_packed = new_output({cuda::decode_rows(view.n), view.k}, perm.options().dtype(decode_dtype));
+  gpu_decode_rows(view, 0, view.n, w_packed, stream);
+  w_packed = w_packed.narrow(0, 0, view.n);
   return at::empty_like(w_packed).index_copy_(1, perm.to(at::kLong), w_packed).to(dtype);
 }
 

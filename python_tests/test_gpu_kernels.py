@@ -109,13 +109,17 @@ def test_awkward_shapes(n, k, m, backend):
     check(make_layer(n, k, outlier_density=0.005, seed=n + k), m, torch.bfloat16, backend=backend)
 
 
+LONG_SEGMENTS = (4608, 4128, 4160)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5, 12, 24, 40])
+@pytest.mark.parametrize("m", [1, 5, 12, 24, 40, 130])
 def test_long_segments(m, dtype, backend):
     """Segments of 8-9 whole iterations of 16 groups (GEMV, GEMM at m <= 16; 8 groups at m <= 32, 4 above)
     plus a partial one, or more: every warp of a block runs several iterations of each segment (its
-    pointers step over the other warps' iterations)."""
-    layer = make_layer(20, 4608 + 4128 + 4160, (4608, 4128, 4160), outlier_density=0.002, seed=m)
+    pointers step over the other warps' iterations). m = 130 decodes in tiles of 16 rows (the emulated
+    build's 16 KiB workspace) and splits K into 6 parts of 68 groups, whose bounds fall inside segments."""
+    layer = make_layer(20, sum(LONG_SEGMENTS), LONG_SEGMENTS, outlier_density=0.002, seed=m)
     check(layer, m, dtype, seed=m, backend=backend)
 
 
@@ -205,6 +209,23 @@ def test_dequantize_matches_reference(dtype, pattern, backend):
     assert torch.equal(w, reference.dequantize(layer, torch.float64).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_across_k_parts(dtype, backend):
+    """The decode splits K into parts when a tile has few rows: outliers (repeated ones too) on both sides of
+    every part boundary and at the ends are written once, by the part that decoded their column."""
+    n, k = 20, sum(LONG_SEGMENTS)
+    part = 68 * 32  # columns per part for this shape (6 parts; see test_long_segments)
+    cols = [c for b in range(part, k, part) for c in (b - 1, b)] + [0, k - 1]
+    rows = [r % n for r in range(len(cols))]
+    outliers = (rows + [3, 3, 3], cols + [part, part, part])
+    layer = make_layer(n, k, LONG_SEGMENTS, outliers=outliers, seed=8)
+    on_device = layer.to("cuda") if backend == "cuda" else layer
+    op = torch.ops.cmpq.dequantize if backend == "cuda" else torch.ops.cmpq_emu.dequantize
+    w = op(on_device.perm, *on_device.codes, *on_device.codebooks, on_device.row_ptr, on_device.col, on_device.val,
+           layer.codebook_rows, layer.format_version, dtype).cpu()
+    assert torch.equal(w, reference.dequantize(layer, torch.float64).to(dtype))
+
+
 @pytest.mark.parametrize("backend", [pytest.param("emu-forward", marks=needs_emu), CUDA], indirect=True)
 def test_bad_inputs(backend):
     layer = make_layer(8, 64, seed=1)
@@ -229,10 +250,19 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU / CUDA build")
 
 
 @cuda_only
-@pytest.mark.parametrize("m", [1, 8, 16, 128, 300])
+@pytest.mark.parametrize("m", [1, 8, 16, 128, 300, 600])
 def test_cuda_large_layer(m):
+    """m = 300 and 600 decode 4096 x 4096 in two 16 MiB tiles (2048 rows each)."""
     layer = make_layer(4096, 4096, outlier_density=0.005, seed=m)
     check(layer, m, torch.float16, backend="cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_long_rows_decode_in_k_parts(dtype):
+    """k = 28672: 16 MiB tiles of 288 rows (18 blocks), so the decode splits K to fill the GPU."""
+    layer = make_layer(600, 28672, (8192, 12288, 8192), outlier_density=0.002, seed=5)
+    check(layer, 520, dtype, backend="cuda")
 
 
 @cuda_only

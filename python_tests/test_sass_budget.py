@@ -234,18 +234,37 @@ def test_tiny_nested_loops(tiny):
 
 
 def test_decode_kernel_counts(tools, tmp_path):
-    """decode<T> per group: its words, 32 codebook values (16-bit global loads) and four 16-byte stores."""
+    """decode<T>: the GEMV's split (4 groups of 2 rows per lane and iteration, 256 weights), one pair-table LDS
+    per 2 weights at every width (2-bit too: its codes are needed in order), a 16-byte store per 8 weights and no
+    global load but the codes."""
     kernels = sb.analyse_cubin(sb.compile_cubin(sb.CUDA_DIR / "dequant.cu", "sm_90a", tmp_path))
     assert set(kernels) == {"decode<fp16>", "decode<bf16>"}
     for kernel in kernels.values():
-        assert (kernel["threads"], kernel["rows_per_block"], kernel["batch_rows"]) == (256, 8, None)
+        assert (kernel["threads"], kernel["rows_per_block"], kernel["batch_rows"]) == (256, 16, None)
+        assert kernel["dynamic_shared_bytes"] == 84 * 1024
         for width, counts in kernel["widths"].items():
-            assert counts["weights_per_iteration"] == 32
-            assert counts["ldg_bytes_per_weight"] == pytest.approx(2 + int(width) / 8)
+            assert counts["weights_per_iteration"] == 256
+            assert counts["ldg_bytes_per_weight"] == pytest.approx(int(width) / 8)
             assert counts["stg_bytes_per_weight"] == pytest.approx(2)
-            assert counts["classes_per_weight"]["stg"] == pytest.approx(4 / 32)
-            assert counts["lds_per_weight"] == 0
-            assert counts["weight_bytes_per_warp_iteration"] == 32 * 4 * int(width)
+            assert counts["classes_per_weight"]["stg"] == pytest.approx(1 / 8)
+            assert counts["lds_per_weight"] == pytest.approx(0.5)
+            assert counts["weight_bytes_per_warp_iteration"] == 32 * 8 * 4 * int(width)
+
+
+def test_decoded_gemm_prediction():
+    """decode + cuBLAS: cuBLAS at m = 512 on 4096 x 4096 is tensor-bound (2 m n k / peak); a decode of 1 instruction
+    and no shared loads per weight costs its issue time when the tile stays in L2, and its code + tile bytes when
+    it goes through HBM."""
+    device = sb.DEVICES[1]
+    widths = {str(w): {"instructions_per_weight": 1.0, "shared_wavefronts_per_weight": 0.0,
+                       "stg_bytes_per_weight": 2.0} for w in (4, 3, 2)}
+    row = sb.predict_decoded_gemm({"widths": widths}, device, 4096, 4096, 4.0, 512)
+    weights = 4096 * 4096
+    assert row["cublas_us"] == pytest.approx(2 * 512 * weights / device.tensor_flops * 1e6)
+    issue = weights / device.issue_rate()
+    assert row["decode_l2_us"] == pytest.approx(max(issue, weights * 0.5 / device.hbm_bytes_per_s) * 1e6)
+    assert row["decode_hbm_us"] == pytest.approx(weights * 2.5 / device.hbm_bytes_per_s * 1e6)
+    assert row["overhead_hbm"] == pytest.approx(row["decode_hbm_us"] / row["cublas_us"])
 
 
 def test_gemv_kernel_counts(tools, tmp_path):

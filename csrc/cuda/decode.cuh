@@ -1,5 +1,5 @@
-// decode.cuh — device decode primitives shared by the CUDA kernels: activation-type traits, group loads,
-// and whole-group decode to 16-bit values. The bit layout itself is in ../cmpq_layout.h.
+// decode.cuh — device primitives shared by the CUDA kernels: activation-type traits and packed-group loads.
+// The bit layout itself is in ../cmpq_layout.h.
 #pragma once
 
 #include "../cmpq_layout.h"
@@ -42,35 +42,6 @@ CMPQ_DEVICE_INLINE void load_group(const uint32_t* src, uint32_t (&words)[BITS])
   } else {
     words[0] = __ldg(src), words[1] = __ldg(src + 1), words[2] = __ldg(src + 2);
   }
-}
-
-// The 32 values of one group, looked up in its fp16 codebook and rounded once to T, written to dst with
-// four 16-byte stores (dst must be 16-byte aligned).
-template <int BITS, class T>
-CMPQ_DEVICE_INLINE void decode_group_store(const uint32_t* src, const uint16_t* codebook, T* dst) {
-  uint32_t words[BITS];
-  load_group<BITS>(src, words);
-#pragma unroll
-  for (int q = 0; q < kGroupCodes / 8; ++q) {
-    // Pack pairs with shifts rather than through a T[8] array, which would live in local memory.
-    uint32_t pairs[4];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const int c = 8 * q + 2 * p;
-      const float lo = half_bits_to_float(__ldg(codebook + group_code<BITS>(words, c)));
-      const float hi = half_bits_to_float(__ldg(codebook + group_code<BITS>(words, c + 1)));
-      pairs[p] = Act<T>::bits_from_float(lo) | (Act<T>::bits_from_float(hi) << 16);
-    }
-    reinterpret_cast<uint4*>(dst)[q] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-  }
-}
-
-// Decode group g (index over all packed groups, segments in memory order) of one row into dst.
-template <class T>
-CMPQ_DEVICE_INLINE void decode_row_group(const LayerView& layer, int row, int g, T* dst) {
-  with_segment_bits(segment_bits(layer.segment_of_group(g)), [&](auto seg) {
-    decode_group_store<seg.kBits>(layer.group_words(seg.kSegment, row, g), layer.row_codebook(seg.kSegment, row), dst);
-  });
 }
 
 }  // namespace cuda

@@ -72,9 +72,27 @@ Status launch_gemv(const LayerView& layer, const void* x, const int32_t* perm, c
 Status launch_gemm(const LayerView& layer, const void* x, const int32_t* perm, const float* bias, void* y, int m,
                    ActDtype dtype, const XWorkspace& workspace, cudaStream_t stream);
 
-// w[n, k] = W in packed column order (codebook value + outlier residual), rounded once to `dtype`.
-// The large-batch path multiplies it with x[:, perm] through cuBLAS.
-Status launch_decode(const LayerView& layer, void* w, ActDtype dtype, cudaStream_t stream);
+// The large-batch path multiplies W through cuBLAS a tile of rows at a time: each tile is decoded into one
+// reused workspace of about kDecodeTileBytes, small enough to still sit in L2 when cuBLAS reads it (50 MB
+// on an H100/H200), large enough that each cuBLAS call is a real GEMM. The emulated build uses 16 KiB so
+// that the test suite's small layers cross tile boundaries.
+#if defined(CMPQ_EMU)
+constexpr int64_t kDecodeTileBytes = 16 << 10;
+#else
+constexpr int64_t kDecodeTileBytes = 16 << 20;
+#endif
+constexpr int kDecodeBlockRows = 16;  // rows per decode block (tile_decode.cuh's kTileRows)
+// Rows of a decode workspace for `rows` layer rows: whole blocks; rows past `rows` are scratch.
+inline int64_t decode_rows(int64_t rows) { return (rows + kDecodeBlockRows - 1) / kDecodeBlockRows * kDecodeBlockRows; }
+// Layer rows per tile of the large-batch path: whole blocks, at least one.
+inline int decode_tile_rows(const LayerView& layer) {
+  const int64_t fit = kDecodeTileBytes / (2 * static_cast<int64_t>(layer.k)) / kDecodeBlockRows * kDecodeBlockRows;
+  return static_cast<int>(fit > kDecodeBlockRows ? fit : kDecodeBlockRows);
+}
+
+// w[decode_rows(rows), k] = layer rows row_begin .. row_begin + rows - 1 in packed column order (codebook value
+// + outlier residual), rounded once to `dtype`; 16-byte aligned. Rows of w past `rows` are scratch.
+Status launch_decode(const LayerView& layer, int row_begin, int rows, void* w, ActDtype dtype, cudaStream_t stream);
 
 // ---- MixLLM (mixllm_gemm.cu; layout in ../mixllm_layout.h, arithmetic in cmpq_kernels/mixllm_reference.py) ----
 

@@ -1,7 +1,8 @@
 // tile_decode.cuh — the pieces the GEMV (gemv.cu, m <= 8) and the GEMM (gemm_tc.cu, m <= 128) share: the
 // gather of x[:, perm] into an fp16 workspace, the per-lane pair tables, the decode of packed groups
-// straight into mma.m16n8k16 A fragments, and the K loop of one 16-row tile. Written once here; each kernel
-// file adds its own workspace layout, batch tiling and epilogue.
+// straight into mma.m16n8k16 A fragments, the K split and the K loop of one 16-row tile. Written once here;
+// each kernel file adds its own workspace layout, batch tiling and epilogue. The dense decode (dequant.cu)
+// uses the tables, the decoders and the K split, and stores the fragments instead of multiplying them.
 //
 // Work split. A block of kWarps = 8 warps owns one 16-row tile (kTileRows, the mma's M). Its warps share
 // the tile's rows and split K: per segment, an iteration covers 4 * LG consecutive groups of both of a
@@ -116,21 +117,26 @@ struct Decoder<4> {
   }
 };
 
-template <>
-struct Decoder<3> {
-  ptx::SharedAddress table;  // smem + kTable3Offset
+// Pair i of a BITS-bit group through a table of 2^(2 BITS) entries: the 2·BITS-bit pair field from code 2i's
+// position, moved to bits 8.. (entry * 256) by one shift and masked in by one LOP3 with lane4. At 3 bits, pair
+// 15 is the spare field (spare_field_3bit), its three 2-bit pieces moved to bits 8, 10, 12. The GEMV and GEMM
+// use it for 3 bits; the dense decode (dequant.cu) also for 2 bits, whose codes it needs in order.
+template <int BITS>
+struct FieldDecoder {
+  static constexpr uint32_t kFieldMask = ((1u << (2 * BITS)) - 1u) << 8;
+  ptx::SharedAddress table;  // this width's table in shared memory
   uint32_t lane4;
-  // Pair i < 15: the 6-bit field from code 2i's position, moved to bits 8..13 (entry * 256) by one shift;
-  // pair 15 is the spare field (spare_field_3bit), its three 2-bit pieces moved to bits 8, 10, 12.
   CMPQ_DEVICE_INLINE uint32_t address(const uint32_t* words, int i) const {
-    if (i == SegmentTraits<3>::kPairsPerGroup - 1) {
-      const uint32_t a = ptx::lop3<0xea>(words[0] >> (kSpareShift3 - 8), 0x300u, lane4);
-      const uint32_t b = ptx::lop3<0xea>(words[1] >> (kSpareShift3 - 10), 0xc00u, a);
-      return ptx::lop3<0xea>(words[2] >> (kSpareShift3 - 12), 0x3000u, b);
+    if constexpr (BITS == 3) {
+      if (i == SegmentTraits<3>::kPairsPerGroup - 1) {
+        const uint32_t a = ptx::lop3<0xea>(words[0] >> (kSpareShift3 - 8), 0x300u, lane4);
+        const uint32_t b = ptx::lop3<0xea>(words[1] >> (kSpareShift3 - 10), 0xc00u, a);
+        return ptx::lop3<0xea>(words[2] >> (kSpareShift3 - 12), 0x3000u, b);
+      }
     }
-    const int shift = code_shift<3>(2 * i) - 8;
-    const uint32_t w = words[code_word<3>(2 * i)];
-    return ptx::lop3<0xea>(shift >= 0 ? w >> shift : w << -shift, 0x3f00u, lane4);  // (w' & 0x3f00) | lane4
+    const int shift = code_shift<BITS>(2 * i) - 8;
+    const uint32_t w = words[code_word<BITS>(2 * i)];
+    return ptx::lop3<0xea>(shift >= 0 ? w >> shift : w << -shift, kFieldMask, lane4);  // (w' & mask) | lane4
   }
   CMPQ_DEVICE_INLINE void fragment(const uint32_t* lo, const uint32_t* hi, int e, uint32_t (&a)[4]) const {
     a[0] = ptx::ld_shared_u32(table, address(lo, 2 * e));
@@ -139,6 +145,9 @@ struct Decoder<3> {
     a[3] = ptx::ld_shared_u32(table + kHiRowBytes, address(hi, 2 * e + 1));
   }
 };
+
+template <>
+struct Decoder<3> : FieldDecoder<3> {};
 
 // 2-bit step s of word w spreads codes 16w + s + 4b (b = 0..3) into bytes: they sit at bits 2s + 8b.
 static_assert(code_shift<2>(1) == 2 && code_shift<2>(4) == 8 && code_word<2>(16) == 1, "2-bit codes by position");
@@ -234,27 +243,63 @@ struct SegmentPass {
   }
 };
 
-// Pair tables of the tile's rows (from row0) for the 4-bit and 3-bit segments, in dynamic shared memory.
+// The 16-bit value a pair table holds for codebook entry h (fp16 bits): h itself for fp16 (the GEMV and the
+// GEMM multiply in fp16), h rounded once to bf16 for the dense decode's bf16 output (dequant.cu).
+template <class V>
+CMPQ_DEVICE_INLINE uint32_t value_bits(uint16_t h) {
+  if constexpr (std::is_same_v<V, __half>)
+    return h;
+  else
+    return Act<V>::bits_from_float(half_bits_to_float(h));
+}
+
+// The BITS-bit pair table of the tile's rows (from row0) at `table`, in shared memory, values of type V.
 // Thread i fills entries of tile row i % 16; each 16-byte store writes that entry for the four lanes
 // (t = 0..3) that look it up. Rows past n repeat row n - 1. A barrier must follow before any lookup.
-CMPQ_DEVICE_INLINE void fill_tables(const LayerView& layer, int row0, unsigned char* smem) {
-  auto fill = [&](auto seg, int offset) {
-    constexpr int kBits = decltype(seg)::kBits;
-    constexpr int kPerThread = (1 << (2 * kBits)) * kTileRows / kThreads;
-    if (layer.seg_k[seg.kSegment] == 0) return;
-    const int r = threadIdx.x % kTileRows;
-    const uint16_t* codebook = layer.row_codebook(seg.kSegment, min(row0 + r, layer.n - 1));
-    const int entry0 = threadIdx.x / kTileRows * kPerThread;
-    unsigned char* column = smem + offset + (r / kHiRow) * kHiRowBytes + (r % kHiRow) * kQuadLanes * 4;
+template <class V, int BITS>
+CMPQ_DEVICE_INLINE void fill_table(const LayerView& layer, int row0, unsigned char* table) {
+  constexpr int kPerThread = (1 << (2 * BITS)) * kTileRows / kThreads;
+  static_assert(kPerThread >= 1 && (1 << (2 * BITS)) * kTileRows % kThreads == 0, "whole entries per thread");
+  if (layer.seg_k[SegmentTraits<BITS>::kSegment] == 0) return;
+  const int r = threadIdx.x % kTileRows;
+  const uint16_t* codebook = layer.row_codebook(SegmentTraits<BITS>::kSegment, min(row0 + r, layer.n - 1));
+  const int entry0 = threadIdx.x / kTileRows * kPerThread;
+  unsigned char* column = table + (r / kHiRow) * kHiRowBytes + (r % kHiRow) * kQuadLanes * 4;
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int entry = entry0 + i;  // = even code | odd code << kBits
-      const uint32_t pair = codebook[entry & ((1 << kBits) - 1)] | static_cast<uint32_t>(codebook[entry >> kBits]) << 16;
-      *reinterpret_cast<uint4*>(column + entry * kEntryBytes) = make_uint4(pair, pair, pair, pair);
-    }
+  for (int i = 0; i < kPerThread; ++i) {
+    const int entry = entry0 + i;  // = even code | odd code << BITS
+    const uint32_t pair = value_bits<V>(codebook[entry & ((1 << BITS) - 1)]) | value_bits<V>(codebook[entry >> BITS]) << 16;
+    *reinterpret_cast<uint4*>(column + entry * kEntryBytes) = make_uint4(pair, pair, pair, pair);
+  }
+}
+
+// The GEMV's and GEMM's fp16 tables for the 4-bit and 3-bit segments.
+CMPQ_DEVICE_INLINE void fill_tables(const LayerView& layer, int row0, unsigned char* smem) {
+  fill_table<__half, 4>(layer, row0, smem + kTable4Offset);
+  fill_table<__half, 3>(layer, row0, smem + kTable3Offset);
+}
+
+// The K split of a tile: the packed groups [group_lo, group_hi) (all segments, memory order) go to `warps`
+// warps in iterations of kIterGroups groups of each row, warp w taking iterations w, w + warps, .. numbered
+// across the segments (segment s's iterations follow those of the segments before it), so every warp gets
+// work however the segments divide. For each segment with groups in the range, visit(seg, first, offset,
+// groups) gets the segment's traits, this warp's first iteration in it, the range's first group in the
+// segment (counted from the segment's start) and how many groups of the segment the range holds.
+template <int kIterGroups, class Visit>
+CMPQ_DEVICE_INLINE void for_each_segment(const LayerView& layer, int group_lo, int group_hi, int warp, int warps,
+                                         Visit visit) {
+  int iterations_before = 0;
+  auto run = [&](auto seg) {
+    const int start = layer.group_begin(seg.kSegment);
+    const int begin = max(start, group_lo);
+    const int groups = min(start + layer.groups(seg.kSegment), group_hi) - begin;
+    if (groups <= 0) return;  // an empty segment has no codes and a codebook of 0 columns: read nothing
+    visit(seg, ((warp - iterations_before) % warps + warps) % warps, begin - start, groups);
+    iterations_before += (groups + kIterGroups - 1) / kIterGroups;
   };
-  fill(SegmentTraits<4>{}, kTable4Offset);
-  fill(SegmentTraits<3>{}, kTable3Offset);
+  run(SegmentTraits<4>{});
+  run(SegmentTraits<3>{});
+  run(SegmentTraits<2>{});
 }
 
 // Every segment of the tile at rows row_lo (g) and row_hi (g + 8) into acc, this warp's share of K.
@@ -264,19 +309,13 @@ template <int NT, int LG, int kGroupStride, int kTileStride, class XSlice>
 CMPQ_DEVICE_INLINE void multiply_tile(const LayerView& layer, ptx::SharedAddress tables, int row_lo, int row_hi,
                                       XSlice x_slice, float (&acc)[NT][4]) {
   const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
   const int t = lane % kQuadLanes;
-  // Global iteration numbers: segment s's iterations follow those of the segments before it.
-  int iterations_before = 0;
-  auto run_segment = [&](auto seg) {
+  constexpr int kIterGroups = kQuadLanes * LG;
+  const int warp = threadIdx.x / kWarpSize;
+  for_each_segment<kIterGroups>(layer, 0, layer.total_groups(), warp, kWarps, [&](auto seg, int first, int, int groups) {
     constexpr int kBits = decltype(seg)::kBits;
     constexpr int s = seg.kSegment;
-    const int groups = layer.groups(s);
-    if (groups == 0) return;  // an empty segment has no codes and a codebook of 0 columns: read nothing
-    using Pass = SegmentPass<kBits, NT, LG, kGroupStride, kTileStride>;
-    constexpr int kIterGroups = Pass::kIterGroups;
-    const int iterations = (groups + kIterGroups - 1) / kIterGroups;
-    Pass pass;
+    SegmentPass<kBits, NT, LG, kGroupStride, kTileStride> pass;
     if constexpr (kBits == 2) {
       const uint16_t* cb_lo = layer.row_codebook(s, row_lo);
       const uint16_t* cb_hi = layer.row_codebook(s, row_hi);
@@ -292,18 +331,15 @@ CMPQ_DEVICE_INLINE void multiply_tile(const LayerView& layer, ptx::SharedAddress
     pass.hi = layer.row_codes(s, row_hi) + t * kBits;
     pass.xs = x_slice(layer.group_begin(s) + t);
     const int full = groups / kIterGroups;
-    int it = ((warp - iterations_before) % kWarps + kWarps) % kWarps;
+    const int iterations = (groups + kIterGroups - 1) / kIterGroups;
+    int it = first;
     pass.advance(it);
     for (; it < full; it += kWarps) {
       pass.template iteration<false>(acc);
       pass.advance(kWarps);
     }
     if (it < iterations) pass.template iteration<true>(acc, groups - t - it * kIterGroups);
-    iterations_before += iterations;
-  };
-  run_segment(SegmentTraits<4>{});
-  run_segment(SegmentTraits<3>{});
-  run_segment(SegmentTraits<2>{});
+  });
 }
 
 // Dynamic shared memory for the tables: both when there is a 4-bit segment (the 4-bit table's offset is
