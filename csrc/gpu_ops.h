@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <optional>
 
@@ -37,6 +38,20 @@ inline cuda::ActDtype act_dtype(at::ScalarType t) {
 inline void check_status(cuda::Status status, const char* kernel, const LayerView& view, int64_t m) {
   TORCH_CHECK(status == cuda::Status::kOk, "cmpq: ", kernel, " failed: ", cuda::status_message(status), " (m=", m,
               ", n=", view.n, ", k=", view.k, ")");
+}
+
+// The kernels read a 4-bit group as one 16-byte load and a 2-bit group as one 8-byte load (decode.cuh's
+// load_group); rows are whole groups, so the tensors' first bytes must be aligned that far. Fresh tensors
+// always are; a view at an odd storage offset is refused by name rather than faulting on the device (a copy
+// per call would silently cost a full read and write of the weights).
+inline void check_codes_alignment(const LayerView& view) {
+  constexpr int kAlign[kNumSegments] = {16, 4, 8};  // 4-, 3-, 2-bit: the widest load of a group
+  for (int s = 0; s < kNumSegments; ++s) {
+    const auto address = reinterpret_cast<uintptr_t>(view.codes[s]);
+    TORCH_CHECK_VALUE(view.seg_k[s] == 0 || address % kAlign[s] == 0, "cmpq: codes", segment_bits(s), " must be ",
+                      kAlign[s], "-byte aligned for the GPU kernels, but its data starts ", address % kAlign[s],
+                      " bytes past a boundary (a view at a storage offset?); pass a fresh copy (.clone())");
+  }
 }
 
 // Rows row_begin .. + rows of W in packed column order, into w (decode_rows(rows) x k, `w`'s dtype).
@@ -71,6 +86,7 @@ inline at::Tensor gpu_gemm_decoded(const at::Tensor& x, const at::Tensor& perm, 
 // The arguments as gemm_op / dequantize_op (torch_view.h) hand them over, already checked.
 inline at::Tensor gpu_gemm(const at::Tensor& x, const at::Tensor& perm, const LayerView& view,
                            const std::optional<at::Tensor>& bias, cudaStream_t stream) {
+  check_codes_alignment(view);
   const int64_t m = x.size(0);
   std::optional<at::Tensor> bias_f32;  // the kernels add bias in FP32, before the one output rounding
   if (bias.has_value()) bias_f32 = bias->to(at::kFloat).contiguous();
@@ -94,6 +110,7 @@ inline at::Tensor gpu_gemm(const at::Tensor& x, const at::Tensor& perm, const La
 
 inline at::Tensor gpu_dequantize(const at::Tensor& perm, const LayerView& view, at::ScalarType dtype,
                                  cudaStream_t stream) {
+  check_codes_alignment(view);
   // Decoding in FP16 is exact for codebook values; only outlier sums round (once).
   const at::ScalarType decode_dtype = dtype == at::kBFloat16 ? at::kBFloat16 : at::kHalf;
   at::Tensor w_packed = new_output({cuda::decode_rows(view.n), view.k}, perm.options().dtype(decode_dtype));

@@ -244,6 +244,27 @@ def test_bad_inputs(backend):
             torch.ops.cmpq_emu.set_schedule("sideways", 0)
 
 
+@pytest.mark.parametrize("segment", [0, 2])
+@pytest.mark.parametrize("m", [1, 20, 130])
+@pytest.mark.parametrize("backend", [pytest.param("emu-forward", marks=needs_emu), CUDA], indirect=True)
+def test_misaligned_codes_are_refused(segment, m, backend):
+    """A contiguous codes tensor one word past an aligned start (a view at a storage offset) is refused by name
+    on every GPU path, never read with a misaligned vector load."""
+    layer = make_layer(8, 96, (32, 32, 32), seed=1)
+    device = "cuda" if backend == "cuda" else "cpu"
+    layer = layer.to(device)
+    codes = list(layer.codes)
+    storage = torch.empty(codes[segment].numel() + 1, dtype=codes[segment].dtype, device=device)
+    codes[segment] = storage[1:].view_as(codes[segment]).copy_(codes[segment])
+    op = torch.ops.cmpq if backend == "cuda" else torch.ops.cmpq_emu
+    bits = (4, 3, 2)[segment]
+    with pytest.raises(ValueError, match=f"codes{bits} must be {16 if bits == 4 else 8}-byte aligned"):
+        op.gemm(random_x(m, 96, torch.float16).to(device), layer.perm, *codes, *layer.codebooks, layer.row_ptr,
+                layer.col, layer.val, None, 1, 1)
+    with pytest.raises(ValueError, match=f"codes{bits} must be"):
+        op.dequantize(layer.perm, *codes, *layer.codebooks, layer.row_ptr, layer.col, layer.val, 1, 1, torch.float16)
+
+
 # ---- real GPU only: large shapes, CUDA graphs, torch.compile ------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU / CUDA build")
