@@ -128,7 +128,9 @@ BLIND_SPOTS = (
     "tables once per block: 16 + 4 sixteen-byte stores per thread with 4- and 3-bit segments), the GEMV's "
     "separate gather launch (x[:, perm] to an fp16 workspace), outliers (≈ 0.16 bits per weight of traffic at "
     "0.5 % density), the reduction and the epilogue. MixLLM: the activation quantizer's launch, the scattered "
-    "output stores, IMMA's tensor-pipe time, and the activation codes re-read by every warp (assumed L1/L2 hits).")
+    "output stores, IMMA's tensor-pipe time, and the activation codes re-read by every warp (assumed L1/L2 hits). "
+    "Large batches: cuBLAS is taken at peak on every 16 MiB tile, but a tile is a small GEMM (m x 2,048 rows at "
+    "k = 4096, m x 288 at k = 28672) that may not fill 132 SMs; launch costs, two per tile, are not counted.")
 WARP_LANES = 32
 SHARED_WAVEFRONT_BYTES = 128  # 32 banks x 4 B: what shared memory serves per clock per SM
 
