@@ -19,7 +19,9 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/
     cmpq-eff:<E>          the library defaults under a budget of E *effective* bits per layer
                           (``QuantOptions.effective_bits``; the code bits are chosen per layer);
                           ``cmpq-eff-paper-r1:<E>`` the paper allocator with one row per codebook at that budget;
-                          ``cmpq-auto:<E>`` allocator and rows per codebook chosen per layer by measured error.
+                          ``cmpq-auto:<E>`` allocator and rows per codebook chosen per layer by measured error;
+                          ``cmpq-eff-greedy-r<R>:<E>`` (R in 1, 2, 4, 8; r4 = ``cmpq-eff``) and
+                          ``cmpq-eff-paper-r<R>:<E>`` (R in 2, 4, 8) fix allocator and rows per codebook.
     mixllm:p<P>           MixLLM (``quantize_model_mixllm``, docs/DESIGN.md §9): the top P % of all output channels
                           by global salience at 8 bits, the rest at 4 bits, **8-bit activations** (A8):
                           p0 = W4A8, p10 = W4.4A8 (the paper's default), p100 = W8A8. Evaluated through the
@@ -65,6 +67,13 @@ Method
       the background corpus) + the last 60 background documents; no document is shared
       (``cmpq_kernels.corpora.lee_split`` checks). Perplexity over non-overlapping ``--eval-seq-len``
       windows of the first ``--eval-tokens`` tokens.
+    * Validation (``val_ppl``, for choosing settings without looking at the test text): perplexity on
+      ``--val-tokens // --calib-len`` windows of the calibration token stream that calibration did *not*
+      draw (:func:`validation_ids`: the same non-overlapping ``--calib-len`` windows ``calibration_ids``
+      chooses from, less the ``--calib-samples`` it chose, evenly spaced), so they share no token with the
+      calibration windows and come from background docs 0-239 only, disjoint from the evaluation text.
+      Each window is scored on its own, after the tokenizer's BOS when it adds one. Rows measured before
+      validation existed have no ``val_ppl``.
     * Quantized layers are evaluated as dense FP32 ``nn.Linear`` holding the dequantized weight
       (``reference.dequantize``): the same numbers as the CMPQ kernels up to FP32 summation order, and
       much faster on this CPU. MixLLM rows run the real ``MixLLMLinear`` op (CPU kernels).
@@ -84,6 +93,7 @@ import argparse
 import datetime
 import importlib
 import json
+import math
 import os
 import platform
 import time
@@ -246,6 +256,45 @@ def run_mixllm(kind: str, p: float, model: nn.Module, tokenizer, calib: str, arg
             "rows": sum(l["shape"][0] for l in report.layers), "act_bits": act_bits}
 
 
+def validation_ids(calib, tokenizer, n_samples: int, seq_len: int, n_windows: int) -> torch.Tensor:
+    """``[n_windows, seq_len]`` windows of the calibration stream that ``calibration_ids`` (same ``n_samples``,
+    ``seq_len``, seed 0) did not choose, evenly spaced over the unused ones in text order.
+
+    Calibration itself is untouched: all windows are ``calibration_ids`` with ``n_samples`` = every window (its
+    choice, sorted, is then all of them), the calibration windows are its own choice, and a window equal to a
+    calibration window is never used for validation.
+    """
+    every = calibration_ids([calib], tokenizer, 1 << 62, seq_len, 0)
+    used = calibration_ids([calib], tokenizer, n_samples, seq_len, 0)
+    unused = every[~(every[:, None, :] == used[None]).all(-1).any(-1)]
+    if unused.shape[0] < n_windows:
+        raise SystemExit(f"only {unused.shape[0]} calibration windows are left for validation, {n_windows} wanted: "
+                         "pass a smaller --val-tokens")
+    pick = torch.linspace(0, unused.shape[0] - 1, n_windows).round().long().unique()
+    return unused[pick]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The BOS token the tokenizer puts before a text, if it adds one (Gemma does; SmolLM2's does not)."""
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return []
+    return [tokenizer.bos_token_id] if tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else []
+
+
+@torch.no_grad()
+def windows_perplexity(model: nn.Module, windows: torch.Tensor, prefix: list[int]) -> float:
+    """Perplexity over independently scored ``windows`` ``[W, L]``, each after ``prefix``; every token of a
+    window is predicted (the first from the prefix alone; without a prefix the first is context only)."""
+    nll, count = 0.0, 0
+    head = torch.tensor(prefix, dtype=torch.long)
+    for window in windows:
+        ids = torch.cat([head, window.long()])
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+        count += ids.numel() - 1
+    return math.exp(nll / count)
+
+
 def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict:
     """Quantize ``model`` in place per ``spec``; return its report fields."""
     kind, _, rest = spec.partition(":")
@@ -291,7 +340,10 @@ def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict
                    "cmpq-packed": {"feedback_order": "packed"}, "cmpq-r4": {"codebook_rows": 4},
                    "cmpq-greedy-r4": {"allocator": "greedy", "codebook_rows": 4},
                    "squeezellm": {"error_feedback": False}, "cmpq-eff": {"allocator": "greedy", "codebook_rows": 4},
-                   "cmpq-eff-paper-r1": {}, "cmpq-auto": {"allocator": "auto", "codebook_rows": "auto"}}[kind]
+                   "cmpq-eff-paper-r1": {}, "cmpq-auto": {"allocator": "auto", "codebook_rows": "auto"},
+                   # Settings sweeps under a budget (cmpq-eff-greedy-r4 = cmpq-eff, the defaults, spelled out).
+                   **{f"cmpq-eff-greedy-r{r}": {"allocator": "greedy", "codebook_rows": r} for r in (1, 2, 4, 8)},
+                   **{f"cmpq-eff-paper-r{r}": {"codebook_rows": r} for r in (2, 4, 8)}}[kind]
         # cmpq-eff*: the number is the stored-bit budget, not code bits.
         budget = {"effective_bits": bits} if kind.startswith(("cmpq-eff", "cmpq-auto")) else {"bits": bits}
         report = quantize_model(model, [calib], **budget, **{**paper, **options}, **common)
@@ -304,11 +356,13 @@ def write_outputs(results: dict, path_base: str, meta: dict) -> None:
     rows = sorted(results.values(), key=lambda r: (r["method"].split(":")[0], r["effective_bits"]))
     fp = next((r["ppl"] for r in rows if r["method"] == "fp32"), None)
     lines = [f"# Accuracy: {meta['model']}", "", f"{meta['note']}", "",
-             "| method | code bits | effective bits | perplexity | x FP32 | quantize s |", "|---|---|---|---|---|---|"]
+             "| method | code bits | effective bits | perplexity | x FP32 | val ppl | quantize s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{r['ppl'] / fp:.3f}" if fp else "-"
+        val = f"{r['val_ppl']:.3f}" if "val_ppl" in r else ""  # rows measured before validation existed
         lines.append(f"| {r['method']} | {r['code_bits']:.3f} | {r['effective_bits']:.3f} | {r['ppl']:.3f} | {rel} | "
-                     f"{r['quantize_seconds']:.0f} |")
+                     f"{val} | {r['quantize_seconds']:.0f} |")
     with open(path_base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(path_base + ".json", "w") as f:
@@ -346,6 +400,14 @@ def write_outputs(results: dict, path_base: str, meta: dict) -> None:
     fig.savefig(path_base + ".png", dpi=120)
 
 
+def validation_meta(args) -> Optional[str]:
+    """How ``val_ppl`` was measured (recorded in a results file's meta; rows of one file share it)."""
+    if not args.val_tokens:
+        return None
+    return (f"{args.val_tokens // args.calib_len} windows of {args.calib_len} tokens of lee_background.cor docs "
+            f"0-239 not drawn by the {args.calib_samples}-window calibration (bench/accuracy.py validation_ids)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -354,6 +416,9 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--val-tokens", type=int, default=4096,
+                        help="validation tokens (windows of --calib-len from the calibration text calibration did "
+                             "not use); 0 = no validation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -365,6 +430,7 @@ def main() -> None:
             "calibration": f"{args.calib_samples} x {args.calib_len} tokens, lee_background.cor docs 0-239",
             "evaluation": f"first {args.eval_tokens} tokens of lee.cor + lee_background docs 240-299, "
                           f"windows of {args.eval_seq_len}",
+            "validation": validation_meta(args),
             "note": f"Perplexity on {args.eval_tokens} held-out tokens; effective bits count every stored bit of "
                     f"the decoder-block linears (see bench/accuracy.py)."}
     results = {}
@@ -377,22 +443,37 @@ def main() -> None:
                 raise SystemExit(f"{base}.json was measured with {key} {saved['meta'][key]!r}, not {meta[key]!r}: "
                                  "pass matching --calib-samples/--calib-len/--eval-tokens/--eval-seq-len or --out")
         meta, results = saved["meta"], saved["results"]
+        # Validation came later: a file without it gets it; one with it must match (val_ppl rows comparable).
+        if args.val_tokens and meta.setdefault("validation", validation_meta(args)) != validation_meta(args):
+            raise SystemExit(f"{base}.json has validation {meta['validation']!r}, not {validation_meta(args)!r}: "
+                             "pass a matching --val-tokens or --out")
     for spec in args.methods:
         if spec.partition(":")[0] in PEERS:
             peer_quantizer(spec)  # fail before any work when an optional package is missing
     calib, evaluation = lee_split()
+    val_windows = None
     for spec in args.methods:
         if spec in results:
             continue
         model, tokenizer = load_gguf_model(args.model)
+        if args.val_tokens and val_windows is None:
+            val_windows = validation_ids(calib, tokenizer, args.calib_samples, args.calib_len,
+                                         args.val_tokens // args.calib_len)
+        load_before = os.getloadavg()
         start = time.perf_counter()
         info = run_method(spec, model, tokenizer, calib, args)
         quant_s = time.perf_counter() - start
         start = time.perf_counter()
         ppl = perplexity(model, tokenizer, evaluation, args.eval_seq_len, args.eval_tokens, progress=False)
-        results[spec] = {"method": spec, "ppl": ppl, "quantize_seconds": quant_s,
-                         "eval_seconds": time.perf_counter() - start, "date": today, "threads": args.threads, **info}
-        print(f"{spec:18s} eff {info['effective_bits']:.3f} ppl {ppl:.3f} (quantize {quant_s:.0f} s)", flush=True)
+        eval_s = time.perf_counter() - start
+        val = {}
+        if val_windows is not None:
+            val = {"val_ppl": windows_perplexity(model, val_windows, bos_prefix(tokenizer))}
+        results[spec] = {"method": spec, "ppl": ppl, **val, "quantize_seconds": quant_s, "eval_seconds": eval_s,
+                         "date": today, "threads": args.threads,
+                         "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, **info}
+        print(f"{spec:18s} eff {info['effective_bits']:.3f} ppl {ppl:.3f} val {val.get('val_ppl', float('nan')):.3f} "
+              f"(quantize {quant_s:.0f} s, load {load_before[0]:.1f})", flush=True)
         write_outputs(results, base, meta)
     write_outputs(results, base, meta)
 
