@@ -21,7 +21,8 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/
                           ``cmpq-eff-paper-r1:<E>`` the paper allocator with one row per codebook at that budget;
                           ``cmpq-auto:<E>`` allocator and rows per codebook chosen per layer by measured error;
                           ``cmpq-eff-greedy-r<R>:<E>`` (R in 1, 2, 4, 8; r4 = ``cmpq-eff``) and
-                          ``cmpq-eff-paper-r<R>:<E>`` (R in 2, 4, 8) fix allocator and rows per codebook.
+                          ``cmpq-eff-paper-r<R>:<E>`` (R in 2, 4, 8) fix allocator and rows per codebook;
+                          ``cmpq-eff-paper-r4`` is the best fixed setting on validation text (DESIGN.md §1.9).
     mixllm:p<P>           MixLLM (``quantize_model_mixllm``, docs/DESIGN.md §9): the top P % of all output channels
                           by global salience at 8 bits, the rest at 4 bits, **8-bit activations** (A8):
                           p0 = W4A8, p10 = W4.4A8 (the paper's default), p100 = W8A8. Evaluated through the

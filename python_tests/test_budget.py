@@ -102,7 +102,7 @@ def test_auto_settings_need_a_budget_and_a_hessian():
     with pytest.raises(ValueError, match="needs allocator='greedy'"):
         QuantOptions(allocator="auto", effective_bits=3.0, budget="global")
     with pytest.raises(ValueError, match="need effective_bits and budget='layer'"):
-        QuantOptions(codebook_rows="auto", effective_bits=3.0, budget="global")
+        QuantOptions(codebook_rows="auto", effective_bits=3.0, budget="global", allocator="greedy")
     w, s2 = _layer_data(64, 128)
     with pytest.raises(ValueError, match="chosen by quantize_model"):
         quantize_weight(w, s2, effective_bits=4.0, codebook_rows="auto")

@@ -149,7 +149,7 @@ def test_quantize_checkpoint_refuses_bad_sources(tmp_path):
         quantize_checkpoint(_quantized_dir(tmp_path), str(tmp_path / "out2"), calibration_tokens(), 3.0, **CALIB)
     with pytest.raises(ValueError, match="need the whole model in memory"):
         quantize_checkpoint(_hf_directory(tmp_path / "b"), str(tmp_path / "out3"), calibration_tokens(), 3.0,
-                            budget="global", **CALIB)
+                            budget="global", allocator="greedy", **CALIB)
     with pytest.raises(MemoryError, match="lower n_samples/seq_len"):
         quantize_checkpoint(_hf_directory(tmp_path / "c"), str(tmp_path / "out4"), calibration_tokens(), 3.0,
                             max_memory_bytes=1000, **CALIB)

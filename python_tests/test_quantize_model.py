@@ -161,7 +161,7 @@ def test_layers_reading_one_input_share_one_permutation(arch, budget):
     for share in (True, False):
         model = MODELS[arch]()
         quantize_model(model, calibration_tokens(), 2.5, n_samples=8, seq_len=64, progress=False, budget=budget,
-                       share_input_widths=share)
+                       allocator="greedy", share_input_widths=share)
         perms[share] = _perms(model, f"{find_blocks(model)[0]}.0.")
     shared, alone = perms[True], perms[False]
     groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -182,8 +182,8 @@ def test_input_groups_are_the_layers_fed_one_tensor():
 @pytest.mark.parametrize("budget", ["layer", "global"])
 def test_effective_bit_budget_is_met(budget):
     model = tiny_llama()
-    report = quantize_model(model, calibration_tokens(), effective_bits=4.5, budget=budget, n_samples=8, seq_len=64,
-                            progress=False)
+    report = quantize_model(model, calibration_tokens(), effective_bits=4.5, budget=budget, allocator="greedy",
+                            n_samples=8, seq_len=64, progress=False)
     assert report.bits == 4.5 and report.settings["effective_bits"] == 4.5
     assert 4.49 <= report.effective_bits <= 4.5
     if budget == "layer":
@@ -203,8 +203,8 @@ def test_impossible_effective_bit_budgets_raise_before_any_layer_changes():
     with pytest.raises(ValueError, match="above the maximum"):
         quantize_model(model, calibration_tokens(), effective_bits=6.5, n_samples=8, seq_len=64, progress=False)
     with pytest.raises(ValueError, match="below the model-wide minimum"):
-        quantize_model(model, calibration_tokens(), effective_bits=3.0, budget="global", n_samples=8, seq_len=64,
-                       progress=False)
+        quantize_model(model, calibration_tokens(), effective_bits=3.0, budget="global", allocator="greedy",
+                       n_samples=8, seq_len=64, progress=False)
     with pytest.raises(ValueError, match="not both"):
         quantize_model(model, calibration_tokens(), 3.0, effective_bits=4.5, n_samples=8, seq_len=64, progress=False)
 
