@@ -3,7 +3,8 @@ the 16 validation windows accuracy.py records, on 64 evenly spaced unused window
 on the test text at 4,096 and 16,384 tokens. Prints one JSON line per setting.
 
 Example: ``python bench/val_check.py --model gemma3-270m --methods cmpq-eff-greedy-r4:3.0 cmpq-eff-paper-r1:3.0``
-(16 x 256 calibration, as the committed accuracy rows).
+(16 x 256 calibration, as the committed accuracy rows). The committed runs, one at a time with 1 thread on a machine
+shared with other jobs (load average 1.3-4.3 on 2 cores, in each line), are ``bench/results/val_check.jsonl``.
 """
 from __future__ import annotations
 
