@@ -73,6 +73,14 @@ def emu_gemm(x: torch.Tensor, layer: CMPQLayer, bias=None, backend: str = "emu")
                                    layer.val, bias, layer.codebook_rows, layer.format_version)
 
 
+def emu_dequantize(layer: CMPQLayer, dtype: torch.dtype, backend: str = "emu", codes=None) -> torch.Tensor:
+    """``dequantize`` on the chosen backend (``codes`` in place of the layer's, already there); result on the CPU."""
+    on_device = layer.to("cuda") if backend == "cuda" else layer
+    op = torch.ops.cmpq.dequantize if backend == "cuda" else torch.ops.cmpq_emu.dequantize
+    return op(on_device.perm, *(codes or on_device.codes), *on_device.codebooks, on_device.row_ptr, on_device.col,
+              on_device.val, layer.codebook_rows, layer.format_version, dtype).cpu()
+
+
 def weight_round(m: int, dtype: torch.dtype) -> float:
     """Unit roundoff of the decoded weights on the path that batch size m takes (see module doc)."""
     if m <= GEMM_MAX_M:
@@ -201,12 +209,8 @@ def test_nan_stays_in_its_row(m, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_matches_reference(dtype, pattern, backend):
     layer = make_layer(37, 160, outliers=OUTLIER_PATTERNS[pattern](37, 160), codebook_rows=3, seed=4)
-    on_device = layer.to("cuda") if backend == "cuda" else layer
-    op = torch.ops.cmpq.dequantize if backend == "cuda" else torch.ops.cmpq_emu.dequantize
-    w = op(on_device.perm, *on_device.codes, *on_device.codebooks, on_device.row_ptr, on_device.col, on_device.val,
-           layer.codebook_rows, layer.format_version, dtype).cpu()
     # codebook value + residual is exact in FP32 and rounded once to dtype
-    assert torch.equal(w, reference.dequantize(layer, torch.float64).to(dtype))
+    assert torch.equal(emu_dequantize(layer, dtype, backend), reference.dequantize(layer, torch.float64).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -219,11 +223,7 @@ def test_dequantize_across_k_parts(dtype, backend):
     rows = [r % n for r in range(len(cols))]
     outliers = (rows + [3, 3, 3], cols + [part, part, part])
     layer = make_layer(n, k, LONG_SEGMENTS, outliers=outliers, seed=8)
-    on_device = layer.to("cuda") if backend == "cuda" else layer
-    op = torch.ops.cmpq.dequantize if backend == "cuda" else torch.ops.cmpq_emu.dequantize
-    w = op(on_device.perm, *on_device.codes, *on_device.codebooks, on_device.row_ptr, on_device.col, on_device.val,
-           layer.codebook_rows, layer.format_version, dtype).cpu()
-    assert torch.equal(w, reference.dequantize(layer, torch.float64).to(dtype))
+    assert torch.equal(emu_dequantize(layer, dtype, backend), reference.dequantize(layer, torch.float64).to(dtype))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("emu-forward", marks=needs_emu), CUDA], indirect=True)
@@ -262,7 +262,7 @@ def test_misaligned_codes_are_refused(segment, m, backend):
         op.gemm(random_x(m, 96, torch.float16).to(device), layer.perm, *codes, *layer.codebooks, layer.row_ptr,
                 layer.col, layer.val, None, 1, 1)
     with pytest.raises(ValueError, match=f"codes{bits} must be"):
-        op.dequantize(layer.perm, *codes, *layer.codebooks, layer.row_ptr, layer.col, layer.val, 1, 1, torch.float16)
+        emu_dequantize(layer, torch.float16, backend, codes=codes)
 
 
 # ---- real GPU only: large shapes, CUDA graphs, torch.compile ------------------------------------------------

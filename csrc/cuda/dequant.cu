@@ -19,9 +19,9 @@
 // STG.128.
 //
 // Outliers: after a barrier (the block's dense stores are then ordered before these), one warp per row,
-// lanes over the row's CSR entries in the block's K part: the first entry of each run of equal columns (columns are sorted, repeats
-// adjacent) writes codebook value + the run's residuals in CSR order, summed in FP32 and rounded once. Every
-// position is written by one thread, so the result is deterministic.
+// lanes over the row's CSR entries in the block's K part: the first entry of each run of equal columns
+// (columns are sorted, repeats adjacent) writes codebook value + the run's residuals in CSR order, summed in
+// FP32 and rounded once. Every position is written by one thread, so the result is deterministic.
 //
 // PREDICTION (static SASS counts, sm_90a, bench/results/sass_budget.md; not a measurement): see the decode
 // rows there and DESIGN.md §3.6 for what decode + cuBLAS is predicted to cost over cuBLAS alone.
@@ -134,15 +134,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int column = (layer.group_begin(s) + offset + t) * kGroupCodes;
     pass.out_lo = w_lo + column;
     pass.out_hi = w_hi + column;
-    const int full = groups / kIterGroups;
-    const int iterations = (groups + kIterGroups - 1) / kIterGroups;
-    int it = first;
-    pass.advance(it);
-    for (; it < full; it += kWarps) {
-      pass.template iteration<false>();
-      pass.advance(kWarps);
-    }
-    if (it < iterations) pass.template iteration<true>(groups - t - it * kIterGroups);
+    run_iterations<kIterGroups>(pass, first, groups);
   });
   __syncthreads();  // the block's dense stores come before the outlier stores over them
 

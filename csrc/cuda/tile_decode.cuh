@@ -302,6 +302,23 @@ CMPQ_DEVICE_INLINE void for_each_segment(const LayerView& layer, int group_lo, i
   run(SegmentTraits<2>{});
 }
 
+// One warp's iterations of one segment (`first` and `groups` from for_each_segment): every kWarps-th whole
+// iteration from `first`, then the partial last one if it is this warp's. `pass` (SegmentPass, or the dense
+// decode's DecodePass) walks its pointers with advance(iterations) and runs iteration<kTail>(args..., remaining).
+template <int kIterGroups, class Pass, class... Args>
+CMPQ_DEVICE_INLINE void run_iterations(Pass& pass, int first, int groups, Args&... args) {
+  const int t = threadIdx.x % kWarpSize % kQuadLanes;
+  const int full = groups / kIterGroups;
+  const int iterations = (groups + kIterGroups - 1) / kIterGroups;
+  int it = first;
+  pass.advance(it);
+  for (; it < full; it += kWarps) {
+    pass.template iteration<false>(args...);
+    pass.advance(kWarps);
+  }
+  if (it < iterations) pass.template iteration<true>(args..., groups - t - it * kIterGroups);
+}
+
 // Every segment of the tile at rows row_lo (g) and row_hi (g + 8) into acc, this warp's share of K.
 // x_slice(group) is the lane's tile-0 slice of a group in the kernel's workspace layout. The tables must be
 // filled and published (fill_tables, then a barrier) before the call.
@@ -330,15 +347,7 @@ CMPQ_DEVICE_INLINE void multiply_tile(const LayerView& layer, ptx::SharedAddress
     pass.lo = layer.row_codes(s, row_lo) + t * kBits;
     pass.hi = layer.row_codes(s, row_hi) + t * kBits;
     pass.xs = x_slice(layer.group_begin(s) + t);
-    const int full = groups / kIterGroups;
-    const int iterations = (groups + kIterGroups - 1) / kIterGroups;
-    int it = first;
-    pass.advance(it);
-    for (; it < full; it += kWarps) {
-      pass.template iteration<false>(acc);
-      pass.advance(kWarps);
-    }
-    if (it < iterations) pass.template iteration<true>(acc, groups - t - it * kIterGroups);
+    run_iterations<kIterGroups>(pass, first, groups, acc);
   });
 }
 
