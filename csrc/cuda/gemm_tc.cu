@@ -21,9 +21,9 @@
 // MT = 1, 2, 4; m = 65..128 takes two 64-row batch tiles, consecutive blocks of one row tile so their
 // reads of W meet in L2, each decoding W again. MT = 8 would need more than 255 registers and spill.
 //
-// PREDICTION (static SASS counts, sm_90a, bench/results/sass_budget.md; not a measurement): 1.46 / 2.14 /
-// 1.64 issued instructions per weight at 4 / 3 / 2 bits for MT = 1 (the GEMV: 1.27 / 1.96 / 1.47), 1.90 /
-// 2.61 / 2.11 for MT = 2, 2.80 / 3.45 / 3.00 for MT = 4; 0.5 / 0.5 / 0 LDS per weight throughout. Not in
+// PREDICTION (static SASS counts, sm_90a, bench/results/sass_budget.md; not a measurement): 1.45 / 2.14 /
+// 1.64 issued instructions per weight at 4 / 3 / 2 bits for MT = 1 (the GEMV: 1.27 / 1.96 / 1.46), 1.91 /
+// 2.61 / 2.09 for MT = 2, 2.80 / 3.48 / 2.98 for MT = 4; 0.5 / 0.5 / 0 LDS per weight throughout. Not in
 // those counts: the gather launch, the table fill, the epilogue, and L2 traffic: each block reads its batch
 // tile's kBatchRows * k * 2 bytes of workspace, 16 * MT / bits times the weight bytes of its 16 rows.
 //

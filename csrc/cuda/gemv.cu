@@ -13,7 +13,7 @@
 // the cost per weight does not grow with m.
 //
 // Predicted per-weight cost of the steady-state loops (PREDICTION from static SASS counts, sm_90a, every
-// m <= 8; bench/sass_budget.py, bench/results/sass_budget.md): 1.27 / 1.96 / 1.47 issued instructions and
+// m <= 8; bench/sass_budget.py, bench/results/sass_budget.md): 1.27 / 1.96 / 1.46 issued instructions and
 // 0.5 / 0.5 / 0 LDS per weight at 4 / 3 / 2 bits, against the 3.5 / 2.6 / 1.7 and 0.87 / 0.65 / 0.44 an
 // H200 can afford at full HBM bandwidth (DESIGN.md §3.5); 2-4 KB of weights in flight per warp iteration.
 // Not in those counts: the gather launch, the table fill and the epilogue below.
