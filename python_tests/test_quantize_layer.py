@@ -9,6 +9,7 @@ import torch
 from cmpq_kernels import ops, reference
 from cmpq_kernels.quantize import allocate, quantize_weight
 from cmpq_kernels.quantize.allocate import permutation
+from cmpq_kernels.quantize import codebook
 from cmpq_kernels.quantize.codebook import assign, weighted_error, weighted_kmeans, weighted_quantile_init
 from conftest import assert_matches_reference
 
@@ -108,6 +109,17 @@ def test_kmeans_is_deterministic_and_never_worse_than_its_init(bits):
     err = weighted_error(x, w, cb1, codes1)
     assert bool((err <= init_err).all()) and float(err.sum()) < 0.9 * float(init_err.sum())
     assert torch.equal(codes1, assign(x, cb1)), "codes are nearest entries of the rounded codebook"
+
+
+def test_kmeans_in_row_chunks_equals_one_fit(monkeypatch):
+    """Rows are independent, so the bounded-memory chunking (3 rows of 200 per chunk here) changes nothing."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 200, generator=gen) * torch.rand(64, 1, generator=gen)
+    w = torch.rand(64, 200, generator=gen) ** 4
+    whole = weighted_kmeans(x, w, 3, iters=20)
+    monkeypatch.setattr(codebook, "KMEANS_CHUNK_ELEMENTS", 600)
+    chunked = weighted_kmeans(x, w, 3, iters=20)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
 
 
 def test_outliers_reduce_the_weighted_error_and_are_exact():

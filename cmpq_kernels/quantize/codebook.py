@@ -46,6 +46,12 @@ def _round_fp16(codebook: torch.Tensor) -> torch.Tensor:
     return torch.sort(codebook.half().to(codebook.dtype), dim=1).values
 
 
+#: Rows are fitted in chunks of at most this many elements: rows are independent, and temporaries of one bounded
+#: size are reused by the heap, where whole-segment temporaries (tens of MB, a different size per layer) fragmented
+#: it and grew the quantizer's peak memory block after block (docs/DESIGN.md §1.9).
+KMEANS_CHUNK_ELEMENTS = 1 << 18
+
+
 def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, bits: int,
                     iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit fp16-representable sorted codebooks ``[R, 2**bits]`` and codes ``[R, C]`` (int64) to ``x`` ``[R, C]``.
@@ -62,6 +68,12 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, bits: int,
     """
     if x.shape != w.shape or x.dim() != 2:
         raise ValueError(f"x and w must be the same 2-D shape, got {tuple(x.shape)} and {tuple(w.shape)}")
+    step = max(1, KMEANS_CHUNK_ELEMENTS // max(1, x.shape[1]))
+    fits = [_kmeans_rows(x[r:r + step], w[r:r + step], bits, iters) for r in range(0, x.shape[0], step)]
+    return torch.cat([cb for cb, _ in fits]), torch.cat([codes for _, codes in fits])
+
+
+def _kmeans_rows(x: torch.Tensor, w: torch.Tensor, bits: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     levels = 1 << bits
     w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
     init = _round_fp16(weighted_quantile_init(x, w, levels))
