@@ -133,7 +133,11 @@ def test_mixllm_row_shards_concatenate_to_the_layer(case, tp, act_bits):
     shards = [mixllm_slice_rows(layer, r * size, size) for r in range(tp)]
     assert sum(s.n8 for s in shards) == layer.n8
     y = torch.cat([ops.mixllm_gemm(x, s, act_bits=act_bits) for s in shards], dim=1)
-    assert torch.equal(y, ops.mixllm_gemm(x, layer, act_bits=act_bits))
+    full = ops.mixllm_gemm(x, layer, act_bits=act_bits)
+    if act_bits == 8:  # exact integer group sums: bit-identical
+        assert torch.equal(y, full)
+    else:  # A16 multiplies the dequantized W with BLAS, whose summation order may depend on n (AVX2 MKL does)
+        torch.testing.assert_close(y, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
