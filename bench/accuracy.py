@@ -15,10 +15,9 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/
                           ``cmpq-packed:<bits>`` error feedback in packed (not act) order;
                           ``cmpq-global:<bits>`` greedy allocator with a model-wide budget;
                           ``cmpq-r4:<bits>`` / ``cmpq-greedy-r4:<bits>`` with 4 rows per codebook;
-                          ``cmpq-r4-refit`` is what ``quantize_model`` and ``cmpq quantize`` do by default
+                          ``cmpq-r4`` is what ``quantize_model`` and ``cmpq quantize`` do by default
                           (``cmpq-greedy-r4`` was, until DESIGN.md §1.9).
-    <any cmpq kind>-refit the same with the least-squares codebook refit (``codebook_refit``, DESIGN.md §1.6);
-                          without the suffix a spec runs without it, as every row measured before it existed.
+    <any cmpq kind>-refit the same with the least-squares codebook refit (``codebook_refit=True``, DESIGN.md §1.6).
     cmpq-eff:<E>          greedy, 4 rows per codebook (the former defaults) under a budget of E *effective* bits
                           (``QuantOptions.effective_bits``; the code bits are chosen per layer);
                           ``cmpq-eff-paper-r1:<E>`` the paper allocator with one row per codebook at that budget;
@@ -337,7 +336,7 @@ def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict
     else:
         bits = float(rest)
         # Spelled out against the paper's settings, so a spec keeps its meaning when quantize_model's defaults
-        # change (they are now the paper rule + 4 rows per codebook + codebook refit = cmpq-r4-refit).
+        # change (they are now the paper rule + 4 rows per codebook = cmpq-r4).
         refit = kind.endswith("-refit")
         kind = kind.removesuffix("-refit")
         paper = {"allocator": "cmpq", "codebook_rows": 1, "codebook_refit": refit}
