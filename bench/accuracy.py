@@ -15,8 +15,10 @@ What is compared (all on the same FP32 checkpoint, the dequantized GGUF of docs/
                           ``cmpq-packed:<bits>`` error feedback in packed (not act) order;
                           ``cmpq-global:<bits>`` greedy allocator with a model-wide budget;
                           ``cmpq-r4:<bits>`` / ``cmpq-greedy-r4:<bits>`` with 4 rows per codebook;
-                          ``cmpq-greedy-r4`` is what ``quantize_model`` and ``cmpq quantize`` do by default.
-    cmpq-eff:<E>          the library defaults under a budget of E *effective* bits per layer
+                          ``cmpq-r4`` is what ``quantize_model`` and ``cmpq quantize`` do by default
+                          (``cmpq-greedy-r4`` was, until DESIGN.md §1.9).
+    <any cmpq kind>-refit the same with the least-squares codebook refit (``codebook_refit=True``, DESIGN.md §1.6).
+    cmpq-eff:<E>          greedy, 4 rows per codebook (the former defaults) under a budget of E *effective* bits
                           (``QuantOptions.effective_bits``; the code bits are chosen per layer);
                           ``cmpq-eff-paper-r1:<E>`` the paper allocator with one row per codebook at that budget;
                           ``cmpq-auto:<E>`` allocator and rows per codebook chosen per layer by measured error;
@@ -334,8 +336,10 @@ def run_method(spec: str, model: nn.Module, tokenizer, calib: str, args) -> dict
     else:
         bits = float(rest)
         # Spelled out against the paper's settings, so a spec keeps its meaning when quantize_model's defaults
-        # change (they are now greedy + 4 rows per codebook = cmpq-greedy-r4).
-        paper = {"allocator": "cmpq", "codebook_rows": 1}
+        # change (they are now the paper rule + 4 rows per codebook = cmpq-r4).
+        refit = kind.endswith("-refit")
+        kind = kind.removesuffix("-refit")
+        paper = {"allocator": "cmpq", "codebook_rows": 1, "codebook_refit": refit}
         options = {"cmpq": {}, "cmpq-greedy": {"allocator": "greedy"}, "cmpq-noef": {"error_feedback": False},
                    "cmpq-global": {"allocator": "greedy", "budget": "global"},
                    "cmpq-packed": {"feedback_order": "packed"}, "cmpq-r4": {"codebook_rows": 4},

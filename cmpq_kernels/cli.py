@@ -70,7 +70,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     options = QuantOptions(allocator=args.allocator, budget=args.budget, codebook_rows=args.codebook_rows,
                            effective_bits=args.effective_bits, error_feedback=not args.no_error_feedback,
-                           share_input_widths=not args.no_share_input_widths)
+                           codebook_refit=args.codebook_refit, share_input_widths=not args.no_share_input_widths)
     if args.bits is not None and args.effective_bits is not None:
         raise UsageError("give --bits (code bits) or --effective-bits (stored bits), not both")
     code_bits = None if args.effective_bits is not None else 3.0 if args.bits is None else args.bits
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-error-feedback", action="store_true", help="skip GPTQ-style error feedback (on by default)")
+    q.add_argument("--codebook-refit", action="store_true", help=_option_help("codebook_refit"))
     q.add_argument("--no-share-input-widths", action="store_true",
                    help="allocate q/k/v and gate/up each alone (they then cannot be fused by vLLM; sharing is on by "
                         "default)")

@@ -2,7 +2,7 @@
 
 Pipeline: allocate widths -> permute into segments [4|3|2] -> activation outliers -> weighted k-means
 per row and segment -> error outliers -> refit -> optional GPTQ error feedback on the fitted codebooks
--> pack, with outliers stored as fp16 residuals in packed column order.
+-> least-squares codebook refit to the output error -> pack, with outliers stored as fp16 residuals in packed column order.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .budget import base_outliers, check_budget, fill_outliers, plan_widths
 from .codebook import fit_rows
 from .gptq import quantize_with_feedback
 from .options import QuantOptions
+from .refit import refit_codebooks
 from .outliers import activation_outliers, error_outliers
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -74,8 +75,8 @@ def _row_grids(codebook: torch.Tensor, n: int, codebook_rows: int) -> torch.Tens
 
 
 def _feedback(wp: torch.Tensor, hessian_p: torch.Tensor, codebooks: list[torch.Tensor], seg_k: tuple[int, int, int],
-              keep: torch.Tensor, codebook_rows: int, order: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Error feedback on the fitted codebooks: codes, dequantized and target weights ``[N, K]`` (packed order).
+              keep: torch.Tensor, codebook_rows: int, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error feedback on the fitted codebooks: codes and target weights ``[N, K]`` (packed order).
 
     ``order="act"`` processes columns by descending Hessian diagonal (GPTQ's act-order: the most salient
     columns are fixed first and the rest absorb their error); ``"packed"`` uses the packed order. Each
@@ -91,9 +92,14 @@ def _feedback(wp: torch.Tensor, hessian_p: torch.Tensor, codebooks: list[torch.T
     codes, target = quantize_with_feedback(wp[:, cols], hessian_p[cols][:, cols], grids, grid_of_column[cols],
                                            keep[:, cols])
     back = torch.argsort(cols)
-    codes, target = codes[:, back], target[:, back]
-    deq = torch.cat([torch.gather(g, 1, c) for g, c in zip(grids, codes.split(seg_k, 1))], 1)
-    return codes, deq, target
+    return codes[:, back], target[:, back]
+
+
+def _dequantize(codebooks: list[torch.Tensor], codes: torch.Tensor, seg_k: tuple[int, int, int],
+                codebook_rows: int) -> torch.Tensor:
+    n = codes.shape[0]
+    return torch.cat([torch.gather(_row_grids(cb, n, codebook_rows), 1, c)
+                      for cb, c in zip(codebooks, codes.split(seg_k, 1))], 1)
 
 
 def quantize_weight(
@@ -168,7 +174,10 @@ def quantize_weight(
     target = wp
     if opts.error_feedback and hessian is not None:
         hessian_p = hessian.detach().double().cpu()[perm][:, perm]
-        codes, deq, target = _feedback(wp, hessian_p, codebooks, seg_k, keep, rows, opts.feedback_order)
+        codes, target = _feedback(wp, hessian_p, codebooks, seg_k, keep, rows, opts.feedback_order)
+        if opts.codebook_refit:
+            codebooks = refit_codebooks(wp, hessian_p, codebooks, codes, seg_k, keep, target, rows)
+        deq = _dequantize(codebooks, codes, seg_k, rows)
 
     out_rows, cols = torch.nonzero(keep, as_tuple=True)
     residual = (target - deq)[out_rows, cols].half()
